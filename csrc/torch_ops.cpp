@@ -1,0 +1,96 @@
+// Torch operator registrations of the CPU kernels (namespace rlhf_engine_cpu).
+//
+// Thin bindings: check devices, shapes and dtypes, allocate outputs, and call
+// the pointer-and-size entry points of csrc/cpu/. Autograd, backend choice and
+// the public `torch.ops.rlhf_engine.*` ops live in rlhf_engine/ops/, which
+// calls these; C++ users of libtorch can call them through the dispatcher.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "rlhf_engine/logprobs.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return RLHF_FLOAT32;
+    case at::kHalf: return RLHF_FLOAT16;
+    case at::kBFloat16: return RLHF_BFLOAT16;
+    default: TORCH_CHECK(false, "rlhf_engine: logits must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "rlhf_engine_cpu: tensors must be on the CPU");
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.stride(0) >= logits.size(1),
+              "rlhf_engine_cpu: logits must be [N, V] with unit stride along V");
+  TORCH_CHECK(logits.size(1) > 0, "rlhf_engine_cpu: logits must have V > 0");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.is_contiguous(),
+              "rlhf_engine_cpu: labels must be contiguous [N]");
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              "rlhf_engine_cpu: labels must be int64 or int32");
+}
+
+void check_row_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous(),
+              "rlhf_engine_cpu: ", name, " must be a contiguous float32 [N] CPU tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature,
+    int64_t ignore_index, bool compute_entropy) {
+  check_rows(logits, labels);
+  const int64_t n = logits.size(0);
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32);
+  at::Tensor stats = at::empty({n, 2}, f32);
+  at::Tensor entropy = at::empty({compute_entropy ? n : 0}, f32);
+  const int rc = rlhf_token_logprobs_forward_cpu(
+      logits.data_ptr(), dtype_code(logits), n, logits.size(1), logits.stride(0),
+      labels.data_ptr(), labels.scalar_type() == at::kLong, static_cast<float>(temperature),
+      ignore_index, logp.data_ptr<float>(), compute_entropy ? entropy.data_ptr<float>() : nullptr,
+      stats.data_ptr<float>());
+  TORCH_CHECK(rc == 0, "rlhf_token_logprobs_forward_cpu failed with code ", rc);
+  return {logp, entropy, stats};
+}
+
+at::Tensor token_logprobs_backward(
+    const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
+    const std::optional<at::Tensor>& entropy, double temperature, int64_t ignore_index) {
+  check_rows(logits, labels);
+  const int64_t n = logits.size(0);
+  check_row_vector(grad_logp, n, "grad_logp");
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
+              stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 2,
+              "rlhf_engine_cpu: stats must be a contiguous float32 [N, 2] CPU tensor");
+  const bool with_entropy = grad_entropy.has_value();
+  if (with_entropy) {
+    TORCH_CHECK(entropy.has_value(), "rlhf_engine_cpu: grad_entropy needs entropy");
+    check_row_vector(*grad_entropy, n, "grad_entropy");
+    check_row_vector(*entropy, n, "entropy");
+  }
+  at::Tensor grad = at::empty({n, logits.size(1)}, logits.options());
+  const int rc = rlhf_token_logprobs_backward_cpu(
+      grad_logp.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
+      logits.data_ptr(), dtype_code(logits), n, logits.size(1), logits.stride(0),
+      labels.data_ptr(), labels.scalar_type() == at::kLong, stats.data_ptr<float>(),
+      with_entropy ? entropy->data_ptr<float>() : nullptr, static_cast<float>(temperature),
+      ignore_index, grad.data_ptr());
+  TORCH_CHECK(rc == 0, "rlhf_token_logprobs_backward_cpu failed with code ", rc);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rlhf_engine_cpu, m) {
+  m.def("token_logprobs_forward(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+        "bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)");
+  m.def("token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor stats, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_engine_cpu, CPU, m) {
+  m.impl("token_logprobs_forward", &token_logprobs_forward);
+  m.impl("token_logprobs_backward", &token_logprobs_backward);
+}

@@ -1,0 +1,297 @@
+"""token_logprobs: log-probabilities of given tokens (and entropy) from logits.
+
+Layout of this module, top to bottom:
+
+1. the torch reference (readable math; float64 in, float64 out for tests),
+2. the adapters of the cpu, triton and cuda kernels, all with one signature:
+   ``forward(rows [N, V], labels [N], T, ignore_index, compute_entropy)
+   -> (logp [N], entropy [N] or [0], stats [N, 2])`` and
+   ``backward(g_logp [N], g_ent [N] or None, rows, labels, stats, entropy, T,
+   ignore_index) -> grad [N, V]`` (contiguous, dtype of the logits),
+3. the custom ops ``torch.ops.rlhf_engine.token_logprobs`` and
+   ``token_logprobs_backward`` with fake kernels and autograd,
+4. the public function :func:`token_logprobs` (validation, backend choice).
+
+Only per-row statistics (a shift and a log-sum, the entropy) are saved for
+backward.
+"""
+from typing import Optional
+
+import torch
+
+from rlhf_engine import _native
+from rlhf_engine.ops import checks, registry
+
+OP = "token_logprobs"
+OP_BACKWARD = "token_logprobs_backward"
+_LABEL_DTYPES = (torch.int64, torch.int32)
+# Rows per slice of the torch reference, so it never upcasts more than about
+# 2^24 logits at once.
+_TORCH_SLICE_ELEMENTS = 1 << 24
+
+
+# 1. torch reference -----------------------------------------------------------
+# The per-row statistics saved for backward are, as in the kernels
+# (csrc/include/rlhf_engine/logprobs.h), stats [N, 2] = (m2, l2) in base-2
+# units: with c = log2(e) / T, log2 p = x * c - m2 - l2. The reference works
+# in float64 on slices of rows and rounds its outputs to the output dtype.
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _row_masks(labels, vocab, ignore_index):
+    """(ignored [N], valid [N], labels clamped into [0, V) as int64 [N])."""
+    ignored = labels == ignore_index
+    valid = ~ignored & (labels >= 0) & (labels < vocab)
+    return ignored, valid, torch.where(valid, labels, 0).long()
+
+
+def _out_dtype(rows):
+    return torch.float64 if rows.dtype == torch.float64 else torch.float32
+
+
+def _row_slices(rows):
+    step = max(1, _TORCH_SLICE_ELEMENTS // rows.shape[1])
+    return [slice(s, s + step) for s in range(0, rows.shape[0], step)]
+
+
+def _log2_p(x, stats, c):
+    """log2 softmax(x / T) from saved stats; x [n, V] float64."""
+    m2, l2 = stats.double().unbind(-1)
+    return x * c - m2[:, None] - l2[:, None]
+
+
+@registry.register(OP, "torch")
+def _torch_forward(rows, labels, temperature, ignore_index, compute_entropy):
+    """Reference forward on [N, V] rows (see the module docstring)."""
+    n, vocab = rows.shape
+    out = _out_dtype(rows)
+    c = LOG2E / temperature
+    ignored, valid, safe = _row_masks(labels, vocab, ignore_index)
+    logp = torch.empty(n, dtype=out, device=rows.device)
+    stats = torch.empty(n, 2, dtype=out, device=rows.device)
+    entropy = torch.empty(n if compute_entropy else 0, dtype=out, device=rows.device)
+    for s in _row_slices(rows):
+        x = rows[s].double()
+        m2 = (x.amax(-1) * c).to(out)  # the shift as stored
+        d = x * c - m2.double()[:, None]
+        l2 = torch.exp2(d).sum(-1).log2()
+        stats[s] = torch.stack([m2, l2.to(out)], -1)
+        log2_p = _log2_p(x, stats[s], c)
+        logp[s] = (log2_p.gather(1, safe[s, None])[:, 0] * LN2).to(out)
+        if compute_entropy:
+            p = torch.exp2(log2_p)
+            entropy[s] = (-LN2 * torch.where(p > 0, p * log2_p, 0.0).sum(-1)).to(out)
+    nan = torch.tensor(float("nan"), dtype=out, device=rows.device)
+    logp = torch.where(ignored, 0.0, torch.where(valid, logp, nan))
+    if compute_entropy:
+        entropy = torch.where(ignored, 0.0, torch.where(valid, entropy, nan))
+    return logp, entropy, torch.where(ignored[:, None], 0.0, stats)
+
+
+@registry.register(OP_BACKWARD, "torch")
+def _torch_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    """Reference backward: grad [N, V] in the dtype of ``rows``."""
+    vocab = rows.shape[1]
+    c = LOG2E / temperature
+    ignored, valid, safe = _row_masks(labels, vocab, ignore_index)
+    grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    for s in _row_slices(rows):
+        log2_p = _log2_p(rows[s].double(), stats[s], c)
+        p = torch.exp2(log2_p)
+        g = -g_logp[s, None].double() * p
+        g.scatter_add_(1, safe[s, None], g_logp[s, None].double())
+        if g_ent is not None:
+            g -= g_ent[s, None].double() * p * (log2_p * LN2 + entropy[s, None].double())
+        g = torch.where(valid[s, None], g / temperature, float("nan"))
+        grad[s] = torch.where(ignored[s, None], 0.0, g).to(rows.dtype)
+    return grad
+
+
+# 2. kernel adapters -------------------------------------------------------------
+
+@registry.register(OP, "cpu")
+def _cpu_forward(rows, labels, temperature, ignore_index, compute_entropy):
+    return torch.ops.rlhf_engine_cpu.token_logprobs_forward(rows, labels, temperature, ignore_index, compute_entropy)
+
+
+@registry.register(OP_BACKWARD, "cpu")
+def _cpu_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    return torch.ops.rlhf_engine_cpu.token_logprobs_backward(
+        g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
+
+
+
+@registry.register(OP, "triton")
+def _triton_forward(rows, labels, temperature, ignore_index, compute_entropy):
+    from rlhf_engine.kernels import logprobs as kernels
+
+    return kernels.token_logprobs_forward(rows, labels, temperature, ignore_index, compute_entropy)
+
+
+@registry.register(OP_BACKWARD, "triton")
+def _triton_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    from rlhf_engine.kernels import logprobs as kernels
+
+    return kernels.token_logprobs_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
+
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@registry.register(OP, "cuda")
+def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
+    n, vocab = rows.shape
+    logp = torch.empty(n, dtype=torch.float32, device=rows.device)
+    stats = torch.empty(n, 2, dtype=torch.float32, device=rows.device)
+    entropy = torch.empty(n if compute_entropy else 0, dtype=torch.float32, device=rows.device)
+    code = _native.cuda_library().rlhf_token_logprobs_forward_cuda(
+        rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab, rows.stride(0),
+        labels.data_ptr(), int(labels.dtype == torch.int64), temperature, ignore_index,
+        logp.data_ptr(), entropy.data_ptr() if compute_entropy else None, stats.data_ptr(), _stream(rows.device))
+    _native.check_cuda_status(code, "rlhf_token_logprobs_forward_cuda")
+    return logp, entropy, stats
+
+
+@registry.register(OP_BACKWARD, "cuda")
+def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    n, vocab = rows.shape
+    grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device)
+    code = _native.cuda_library().rlhf_token_logprobs_backward_cuda(
+        g_logp.data_ptr(), _ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
+        rows.stride(0), labels.data_ptr(), int(labels.dtype == torch.int64), stats.data_ptr(),
+        _ptr(entropy if g_ent is not None else None), temperature, ignore_index, grad.data_ptr(),
+        _stream(rows.device))
+    _native.check_cuda_status(code, "rlhf_token_logprobs_backward_cuda")
+    return grad
+
+
+
+# 3. custom ops -------------------------------------------------------------------
+
+def _as_rows(logits, labels):
+    """[..., V] logits -> [N, V] with unit stride along V (a view when possible);
+    labels -> contiguous [N]."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows, labels.reshape(-1).contiguous()
+
+
+def _check_label_values(labels, vocab, ignore_index):
+    if not checks.value_checks_on(labels.device):
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"{int(bad.sum())} are not (first: {first})")
+
+
+@torch.library.custom_op("rlhf_engine::token_logprobs", mutates_args=())
+def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                      compute_entropy: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, stats): logp and entropy float32 of ``labels.shape``
+    (entropy is empty [0] unless ``compute_entropy``); stats
+    ``labels.shape + (2,)``, the per-row statistics backward needs (see
+    section 1)."""
+    rows, flat_labels = _as_rows(logits, labels)
+    _check_label_values(flat_labels, rows.shape[1], ignore_index)
+    forward = registry.get(OP, backend)
+    logp, entropy, stats = forward(rows, flat_labels, temperature, ignore_index, compute_entropy)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    shape = labels.shape
+    entropy = entropy.to(out_dtype).view(shape) if compute_entropy else entropy.to(out_dtype)
+    return logp.to(out_dtype).view(shape), entropy, stats.to(out_dtype).view(*shape, 2)
+
+
+@token_logprobs_op.register_fake
+def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.new_empty(labels.shape, dtype=dtype)
+    entropy = logits.new_empty(labels.shape if compute_entropy else (0,), dtype=dtype)
+    return logp, entropy, logits.new_empty((*labels.shape, 2), dtype=dtype)
+
+
+@torch.library.custom_op("rlhf_engine::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
+                               labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
+                               temperature: float, ignore_index: int, backend: str) -> torch.Tensor:
+    """Gradient w.r.t. ``logits`` (its shape and dtype, contiguous)."""
+    rows, flat_labels = _as_rows(logits, labels)
+    flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
+    backward = registry.get(OP_BACKWARD, backend)
+    grad = backward(flat(grad_logp), flat(grad_entropy), rows, flat_labels, stats.reshape(-1, 2).contiguous(),
+                    flat(entropy), temperature, ignore_index)
+    return grad.view(logits.shape)
+
+
+@token_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, compute_entropy, backend = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, labels, stats, entropy if compute_entropy else None)
+    ctx.args = (temperature, ignore_index, compute_entropy, backend)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, labels, stats, entropy = ctx.saved_tensors
+    temperature, ignore_index, compute_entropy, backend = ctx.args
+    dtype = stats.dtype
+    grad_logp = stats.new_zeros(labels.shape) if grad_logp is None else grad_logp.to(dtype)
+    grad_entropy = None if not compute_entropy or grad_entropy is None else grad_entropy.to(dtype)
+    grad = token_logprobs_backward_op(grad_logp, grad_entropy, logits, labels, stats, entropy,
+                                      temperature, ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# 4. public function --------------------------------------------------------------
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto"):
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` float16 / bfloat16 / float32 (float64 on the
+            torch backend); any strides.
+        labels: ``logits.shape[:-1]``, int64 or int32; ``ignore_index``
+            marks positions to skip.
+        temperature: divides the logits (finite, > 0).
+        return_entropy: also return the entropy of each position's softmax.
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        ``logp`` float32 of ``labels.shape`` (0.0 where ignored), and with
+        ``return_entropy`` the tuple ``(logp, entropy)``. Differentiable
+        w.r.t. ``logits`` through both; the gradient has the logits' dtype.
+        Labels outside ``[0, V)`` raise ValueError on CPU tensors; on GPU
+        tensors they give NaN (ValueError under ``debug_checks(True)``).
+    """
+    checks.tensor("logits", logits, kind="float")
+    checks.tensor("labels", labels, dtypes=_LABEL_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    checks.same_device(logits=logits, labels=labels)
+    temperature = checks.positive_float("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    chosen = registry.resolve(OP, backend, logits.device, logits.dtype)
+    logp, entropy, _ = token_logprobs_op(logits, labels, temperature, ignore_index, bool(return_entropy), chosen)
+    return (logp, entropy) if return_entropy else logp
