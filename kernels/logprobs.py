@@ -33,13 +33,23 @@ Design and traffic model (B = bytes per logit, N rows, V vocab):
   has no cancellation since t <= 0. The label logit is one extra scalar load.
   Ignored and out-of-range rows run zero loop iterations.
 * Backward: one program per row, one read of the logits and one write of the
-  gradient (N*V*B read + N*V*B written; the label logit is read once more).
-  p = exp2(log2(e) * (l / T - lse)) with (l / T - lse) formed by one fused
-  multiply-add. The label column is held back from the streaming store and
-  written after the loop: when p(label) > 1/2 its ``1 - p`` is taken as the
-  sum of the other p (accumulated on the way, no cancellation) and
-  z_y - lse as log1p(-that sum), so confident rows keep relative accuracy in
-  the true-class gradient instead of losing it to ``1 - p`` in float32.
+  gradient (N*V*B read + N*V*B written, plus one scalar re-read and re-write
+  of the label element). p = exp2(log2(e) * (l / T - lse)) with l / T - lse
+  formed by fused multiply-adds. The label element is rewritten after the
+  loop (behind a barrier, so the loop's stores stay unmasked and vectorised):
+  when p(label) > 1/2 its ``1 - p`` is taken as the sum of the other p
+  (accumulated on the way, no cancellation) and z_y - lse as log1p(-that sum),
+  so confident rows keep relative accuracy in the true-class gradient instead
+  of losing it to ``1 - p`` in float32. The label logit is read before the
+  loop, so grad_logits may alias logits.
+
+Precision. 1/T and log2(e)/T are passed as float32 (hi, lo) pairs and applied
+as fma(v, hi, v * lo), so the rounding of those constants is not amplified by
+|x| or |z|. What float32 cannot avoid: (a) each 2^x carries the rounding of x,
+about |x| * 2^-24 relative, which for very confident rows (|x| ~ 30 for the
+whole competing mass) is ~1e-6 on logp and entropy; (b) the backward sees lse
+only as the contract's float32 value, whose rounding (2^-24 * |lse|) scales
+every p of the row: ~1e-6 relative at |lse| ~ 16, ~3e-4 with a +1e4 offset.
 
 Offsets of the form row * stride are int64 (N * V can exceed 2^31). Every
 load is converted to float32 right away and all arithmetic is float32;
@@ -288,6 +298,8 @@ def _check_inputs(logits, labels):
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits dtype must be float32/float16/bfloat16, got {logits.dtype}")
     N, V = logits.shape
+    if V >= 2**31:
+        raise ValueError(f"vocab {V} does not fit the kernels' int32 column offsets")
     if V > 1 and logits.stride(1) != 1:
         raise ValueError("logits must have stride(1) == 1")
     if N > 1 and logits.stride(0) < V:
@@ -299,6 +311,13 @@ def _check_inputs(logits, labels):
     if labels.device != logits.device:
         raise ValueError("logits and labels must be on the same device")
     return N, V
+
+
+def _check_temperature(temperature):
+    temperature = float(temperature)
+    if not (0.0 < temperature < float("inf") and _LOG2E / temperature < 3.0e38):
+        raise ValueError(f"temperature must be positive, finite and >= 1e-38, got {temperature}")
+    return temperature
 
 
 def _row_stride(logits):
@@ -332,8 +351,9 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     entropy = torch.empty(N if compute_entropy else 0, dtype=torch.float32, device=dev)
     if N == 0:
         return logp, entropy, lse
-    inv_t_hi, inv_t_lo = _split(1.0 / float(temperature))
-    scale_hi, scale_lo = _split(_LOG2E / float(temperature))
+    temperature = _check_temperature(temperature)
+    inv_t_hi, inv_t_lo = _split(1.0 / temperature)
+    scale_hi, scale_lo = _split(_LOG2E / temperature)
     block_v, num_warps = _launch_config(V)
     with _on_device(dev):
         _token_logprobs_fwd_kernel[(N,)](
@@ -356,8 +376,12 @@ def token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entrop
     has_entropy = grad_entropy is not None
     if has_entropy and entropy is None:
         raise ValueError("grad_entropy given without the forward's entropy")
-    if grad_logp.dim() != 1 or grad_logp.shape[0] != N:
-        raise ValueError(f"grad_logp must be [{N}], got shape {tuple(grad_logp.shape)}")
+    for name, t in (("grad_logp", grad_logp), ("lse", lse)) + (
+            (("grad_entropy", grad_entropy), ("entropy", entropy)) if has_entropy else ()):
+        if t.dim() != 1 or t.shape[0] != N:
+            raise ValueError(f"{name} must be [{N}], got shape {tuple(t.shape)}")
+        if t.device != dev:
+            raise ValueError(f"{name} must be on {dev}, got {t.device}")
     # Strided (even stride-0, e.g. the gradient of a sum) 1-D gradients are read
     # in place; only a dtype mismatch costs an [N] conversion.
     grad_logp = grad_logp.float()
@@ -367,7 +391,7 @@ def token_logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entrop
         entropy = entropy.float().contiguous()
     else:
         grad_entropy, entropy = grad_logp, lse  # placeholders, never read
-    inv_t_hi, inv_t_lo = _split(1.0 / float(temperature))
+    inv_t_hi, inv_t_lo = _split(1.0 / _check_temperature(temperature))
     block_v, num_warps = _launch_config(V)
     with _on_device(dev):
         _token_logprobs_bwd_kernel[(N,)](

@@ -4,10 +4,9 @@
 is an ordinary extension module. ``rlhf_engine._cuda_kernels`` is a plain
 shared library of C entry points (csrc/include/rlhf_engine/*.h) built by nvcc
 without torch headers; it is loaded with ctypes. Either may be missing (not
-built, or built without nvcc); the ``*_error`` functions then say why.
+built, or built without nvcc); ``CPU_ERROR`` / ``CUDA_ERROR`` then say why.
 """
 import ctypes
-import functools
 import glob
 import os
 
@@ -16,23 +15,12 @@ import torch  # noqa: F401  (the C++ module needs torch's libraries loaded first
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@functools.cache
 def _load_cpu():
     try:
         from rlhf_engine import _C
     except ImportError as exc:
         return None, f"the C++ extension rlhf_engine._C is not built ({exc}); run `pip install -e .`"
     return _C, None
-
-
-def cpu_module():
-    """The ``rlhf_engine._C`` module, or None when it is not built."""
-    return _load_cpu()[0]
-
-
-def cpu_error():
-    """Why :func:`cpu_module` is None (None when it loaded)."""
-    return _load_cpu()[1]
 
 
 _VP, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -44,7 +32,6 @@ _CUDA_SIGNATURES = {
 }
 
 
-@functools.cache
 def _load_cuda():
     paths = glob.glob(os.path.join(_HERE, "_cuda_kernels*.so"))
     if not paths:
@@ -59,14 +46,11 @@ def _load_cuda():
     return lib, None
 
 
-def cuda_library():
-    """The ctypes handle of the CUDA kernel library, or None when it is not built."""
-    return _load_cuda()[0]
-
-
-def cuda_error():
-    """Why :func:`cuda_library` is None (None when it loaded)."""
-    return _load_cuda()[1]
+# Loaded once at import (plain module constants, so torch.compile traces
+# backend choice without guarding on caches): the module or library, or None
+# and the reason it is missing.
+CPU_MODULE, CPU_ERROR = _load_cpu()
+CUDA_LIBRARY, CUDA_ERROR = _load_cuda()
 
 
 def check_cuda_status(code, name):

@@ -11,14 +11,14 @@
 //             so each element costs one FMA and one ex2 (log2(e) / T folded
 //             into the FMA) plus an add and an FMA for the sums. States
 //             merge across the block with warp shuffles plus shared memory.
-//             Then lse = m2 ln2 + ln s, logp = (x_label c - m2) ln2 - ln s,
+//             Then stats = (m2, log2 s), logp = (x_label c - m2) ln2 - ln s,
 //             entropy = ln s - ln2 t / s: everything is relative to the row
 //             max, so large common offsets do not cancel.
 //             Traffic: 1 read of the logits.
 //   backward  reads each logits row once and writes grad_logits once,
 //             element by element (no block synchronisation):
-//               d = z - lse, p = 2^(d log2 e)
-//               grad = g_logp/T * (onehot - p) - g_ent/T * p * (d + entropy)
+//               d2 = fma(x, c, -m2) - l2 = log2 p, p = 2^d2
+//               grad = g_logp/T * (onehot - p) - g_ent/T * p * (d2 ln2 + entropy)
 //             with onehot - p formed in float32. Each element is read and
 //             then written by the same thread, so grad_logits may alias the
 //             logits (row_stride == vocab). Traffic: 1 read + 1 write.
@@ -44,9 +44,14 @@ constexpr int kMaxThreads = 512;   // threads per block (upper bound)
 constexpr int kMinBlocks = 2;      // blocks per SM: caps registers at 64
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kUnroll = 4;         // 16-byte vectors in flight per thread
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kFltMax = 3.402823466e38f;
+
+// c = log2(e) / T rounded once, as the header defines it (forward and
+// backward must use the same c as every other backend).
+__device__ __forceinline__ float log2e_over(float temperature) {
+  return static_cast<float>(1.4426950408889634 / static_cast<double>(temperature));
+}
 
 // ---------------------------------------------------------------------------
 // Loads and stores: fp32 / fp16 / bf16 <-> float.
@@ -248,13 +253,13 @@ template <typename T, typename L>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, int64_t n_rows,
                               int64_t vocab, int64_t row_stride,
-                              const L* __restrict__ labels, float inv_t,
+                              const L* __restrict__ labels, float temperature,
                               int64_t ignore_index, float* __restrict__ logp,
                               float* __restrict__ entropy,
-                              float* __restrict__ lse) {
+                              float* __restrict__ stats) {
   constexpr int kLen = Vec<T>::kLen;
   __shared__ LseState smem[kMaxWarps];
-  const float c = inv_t * kLog2e;  // u = x * c = z * log2(e)
+  const float c = log2e_over(temperature);  // u = x * c = z * log2(e)
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
 
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     if (label == ignore_index) {  // uniform across the block: not read
       if (tid == 0) {
         logp[row] = 0.f;
-        lse[row] = 0.f;
+        stats[2 * row] = stats[2 * row + 1] = 0.f;
         if (entropy) entropy[row] = 0.f;
       }
       continue;
@@ -309,7 +314,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
       // Once per row, in double: exact to float whatever --use_fast_math
       // does to logf (ln s ~ 1e-7 for confident rows).
       const float ln_s = static_cast<float>(log(static_cast<double>(st.s)));
-      lse[row] = fmaf(st.m2, kLn2, ln_s);
+      stats[2 * row] = st.m2;
+      stats[2 * row + 1] = static_cast<float>(log2(static_cast<double>(st.s)));
       if (label_ok) {
         // logp <= 0 and entropy >= 0 hold exactly; rounding could break
         // them by an ulp, so clamp (the selects keep NaN).
@@ -331,8 +337,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 // Backward.
 
 struct GradCoef {
-  float inv_t;
-  float lse;
+  float c;   // log2(e) / T
+  float m2;  // saved shift
+  float l2;  // saved log2-sum
   float a;  // g_logp / T
   float b;  // g_ent / T (0 without the entropy term)
   float h;  // entropy (0 without the entropy term)
@@ -340,8 +347,9 @@ struct GradCoef {
 
 __device__ __forceinline__ float grad_of(float x, float onehot,
                                          const GradCoef& k) {
-  const float d = fmaf(x, k.inv_t, -k.lse);  // z - lse
-  const float p = fast_exp2(d * kLog2e);
+  const float d2 = fmaf(x, k.c, -k.m2) - k.l2;  // log2 p
+  const float p = fast_exp2(d2);
+  const float d = d2 * kLn2;  // log p
   const float oh_minus_p = onehot - p;  // float32: no bf16 cancellation
   // p * (d + H); the clamp keeps p = 0 at a -inf logit from giving NaN.
   const float ent = p * (fmaxf(d, -kFltMax) + k.h);
@@ -371,13 +379,15 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
                               const float* __restrict__ grad_entropy,
                               const T* logits, int64_t n_rows, int64_t vocab,
                               int64_t row_stride, const L* __restrict__ labels,
-                              const float* __restrict__ lse,
-                              const float* __restrict__ entropy, float inv_t,
+                              const float* __restrict__ stats,
+                              const float* __restrict__ entropy, float temperature,
                               int64_t ignore_index, T* grad_logits) {
   constexpr int kLen = Vec<T>::kLen;
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const bool has_ent = grad_entropy != nullptr && entropy != nullptr;
+  const float inv_t = 1.f / temperature;
+  const float c = log2e_over(temperature);
 
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     T* out = grad_logits + row * vocab;
@@ -392,8 +402,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     }
     const T* x = logits + row * row_stride;
     GradCoef k;
-    k.inv_t = inv_t;
-    k.lse = __ldg(lse + row);
+    k.c = c;
+    k.m2 = __ldg(stats + 2 * row);
+    k.l2 = __ldg(stats + 2 * row + 1);
     k.a = __ldg(grad_logp + row) * inv_t;
     k.b = has_ent ? __ldg(grad_entropy + row) * inv_t : 0.f;
     k.h = has_ent ? __ldg(entropy + row) : 0.f;
@@ -485,26 +496,26 @@ bool valid_shape(int64_t n_rows, int64_t vocab, int64_t row_stride,
 
 template <typename T, typename L>
 int launch_forward(const void* logits, int64_t n_rows, int64_t vocab,
-                   int64_t row_stride, const void* labels, float inv_t,
+                   int64_t row_stride, const void* labels, float temperature,
                    int64_t ignore_index, float* logp, float* entropy,
-                   float* lse, cudaStream_t stream) {
+                   float* stats, cudaStream_t stream) {
   const int threads = pick_threads(vocab, Vec<T>::kLen);
   token_logprobs_fwd_kernel<T, L><<<pick_grid(n_rows), threads, 0, stream>>>(
       static_cast<const T*>(logits), n_rows, vocab, row_stride,
-      static_cast<const L*>(labels), inv_t, ignore_index, logp, entropy, lse);
+      static_cast<const L*>(labels), temperature, ignore_index, logp, entropy, stats);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, typename L>
 int launch_backward(const float* grad_logp, const float* grad_entropy,
                     const void* logits, int64_t n_rows, int64_t vocab,
-                    int64_t row_stride, const void* labels, const float* lse,
-                    const float* entropy, float inv_t, int64_t ignore_index,
+                    int64_t row_stride, const void* labels, const float* stats,
+                    const float* entropy, float temperature, int64_t ignore_index,
                     void* grad_logits, cudaStream_t stream) {
   const int threads = pick_threads(vocab, Vec<T>::kLen);
   token_logprobs_bwd_kernel<T, L><<<pick_grid(n_rows), threads, 0, stream>>>(
       grad_logp, grad_entropy, static_cast<const T*>(logits), n_rows, vocab,
-      row_stride, static_cast<const L*>(labels), lse, entropy, inv_t,
+      row_stride, static_cast<const L*>(labels), stats, entropy, temperature,
       ignore_index, static_cast<T*>(grad_logits));
   return static_cast<int>(cudaGetLastError());
 }
@@ -512,32 +523,32 @@ int launch_backward(const float* grad_logp, const float* grad_entropy,
 template <typename T>
 int forward_dtype(const void* logits, int64_t n_rows, int64_t vocab,
                   int64_t row_stride, const void* labels, int labels_int64,
-                  float inv_t, int64_t ignore_index, float* logp,
-                  float* entropy, float* lse, cudaStream_t stream) {
+                  float temperature, int64_t ignore_index, float* logp,
+                  float* entropy, float* stats, cudaStream_t stream) {
   return labels_int64
              ? launch_forward<T, int64_t>(logits, n_rows, vocab, row_stride,
-                                          labels, inv_t, ignore_index, logp,
-                                          entropy, lse, stream)
+                                          labels, temperature, ignore_index, logp,
+                                          entropy, stats, stream)
              : launch_forward<T, int32_t>(logits, n_rows, vocab, row_stride,
-                                          labels, inv_t, ignore_index, logp,
-                                          entropy, lse, stream);
+                                          labels, temperature, ignore_index, logp,
+                                          entropy, stats, stream);
 }
 
 template <typename T>
 int backward_dtype(const float* grad_logp, const float* grad_entropy,
                    const void* logits, int64_t n_rows, int64_t vocab,
                    int64_t row_stride, const void* labels, int labels_int64,
-                   const float* lse, const float* entropy, float inv_t,
+                   const float* stats, const float* entropy, float temperature,
                    int64_t ignore_index, void* grad_logits,
                    cudaStream_t stream) {
   return labels_int64
              ? launch_backward<T, int64_t>(grad_logp, grad_entropy, logits,
                                            n_rows, vocab, row_stride, labels,
-                                           lse, entropy, inv_t, ignore_index,
+                                           stats, entropy, temperature, ignore_index,
                                            grad_logits, stream)
              : launch_backward<T, int32_t>(grad_logp, grad_entropy, logits,
                                            n_rows, vocab, row_stride, labels,
-                                           lse, entropy, inv_t, ignore_index,
+                                           stats, entropy, temperature, ignore_index,
                                            grad_logits, stream);
 }
 
@@ -547,27 +558,26 @@ extern "C" int rlhf_token_logprobs_forward_cuda(
     const void* logits, int logits_dtype, int64_t n_rows, int64_t vocab,
     int64_t row_stride, const void* labels, int labels_int64,
     float temperature, int64_t ignore_index, float* logp, float* entropy,
-    float* lse, void* stream) {
+    float* stats, void* stream) {
   if (n_rows == 0) return 0;
   if (!valid_shape(n_rows, vocab, row_stride, temperature))
     return static_cast<int>(cudaErrorInvalidValue);
-  if (!logits || !labels || !logp || !lse)
+  if (!logits || !labels || !logp || !stats)
     return static_cast<int>(cudaErrorInvalidValue);
-  const float inv_t = 1.0f / temperature;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (logits_dtype) {
     case RLHF_FLOAT32:
       return forward_dtype<float>(logits, n_rows, vocab, row_stride, labels,
-                                  labels_int64, inv_t, ignore_index, logp,
-                                  entropy, lse, s);
+                                  labels_int64, temperature, ignore_index, logp,
+                                  entropy, stats, s);
     case RLHF_FLOAT16:
       return forward_dtype<__half>(logits, n_rows, vocab, row_stride, labels,
-                                   labels_int64, inv_t, ignore_index, logp,
-                                   entropy, lse, s);
+                                   labels_int64, temperature, ignore_index, logp,
+                                   entropy, stats, s);
     case RLHF_BFLOAT16:
       return forward_dtype<__nv_bfloat16>(logits, n_rows, vocab, row_stride,
-                                          labels, labels_int64, inv_t,
-                                          ignore_index, logp, entropy, lse, s);
+                                          labels, labels_int64, temperature,
+                                          ignore_index, logp, entropy, stats, s);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
@@ -576,31 +586,30 @@ extern "C" int rlhf_token_logprobs_forward_cuda(
 extern "C" int rlhf_token_logprobs_backward_cuda(
     const float* grad_logp, const float* grad_entropy, const void* logits,
     int logits_dtype, int64_t n_rows, int64_t vocab, int64_t row_stride,
-    const void* labels, int labels_int64, const float* lse,
+    const void* labels, int labels_int64, const float* stats,
     const float* entropy, float temperature, int64_t ignore_index,
     void* grad_logits, void* stream) {
   if (n_rows == 0) return 0;
   if (!valid_shape(n_rows, vocab, row_stride, temperature))
     return static_cast<int>(cudaErrorInvalidValue);
-  if (!grad_logp || !logits || !labels || !lse || !grad_logits)
+  if (!grad_logp || !logits || !labels || !stats || !grad_logits)
     return static_cast<int>(cudaErrorInvalidValue);
-  const float inv_t = 1.0f / temperature;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (logits_dtype) {
     case RLHF_FLOAT32:
       return backward_dtype<float>(grad_logp, grad_entropy, logits, n_rows,
                                    vocab, row_stride, labels, labels_int64,
-                                   lse, entropy, inv_t, ignore_index,
+                                   stats, entropy, temperature, ignore_index,
                                    grad_logits, s);
     case RLHF_FLOAT16:
       return backward_dtype<__half>(grad_logp, grad_entropy, logits, n_rows,
                                     vocab, row_stride, labels, labels_int64,
-                                    lse, entropy, inv_t, ignore_index,
+                                    stats, entropy, temperature, ignore_index,
                                     grad_logits, s);
     case RLHF_BFLOAT16:
       return backward_dtype<__nv_bfloat16>(
           grad_logp, grad_entropy, logits, n_rows, vocab, row_stride, labels,
-          labels_int64, lse, entropy, inv_t, ignore_index, grad_logits, s);
+          labels_int64, stats, entropy, temperature, ignore_index, grad_logits, s);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

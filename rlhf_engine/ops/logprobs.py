@@ -152,7 +152,7 @@ def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
     logp = torch.empty(n, dtype=torch.float32, device=rows.device)
     stats = torch.empty(n, 2, dtype=torch.float32, device=rows.device)
     entropy = torch.empty(n if compute_entropy else 0, dtype=torch.float32, device=rows.device)
-    code = _native.cuda_library().rlhf_token_logprobs_forward_cuda(
+    code = _native.CUDA_LIBRARY.rlhf_token_logprobs_forward_cuda(
         rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab, rows.stride(0),
         labels.data_ptr(), int(labels.dtype == torch.int64), temperature, ignore_index,
         logp.data_ptr(), entropy.data_ptr() if compute_entropy else None, stats.data_ptr(), _stream(rows.device))
@@ -164,7 +164,7 @@ def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
 def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     n, vocab = rows.shape
     grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device)
-    code = _native.cuda_library().rlhf_token_logprobs_backward_cuda(
+    code = _native.CUDA_LIBRARY.rlhf_token_logprobs_backward_cuda(
         g_logp.data_ptr(), _ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
         rows.stride(0), labels.data_ptr(), int(labels.dtype == torch.int64), stats.data_ptr(),
         _ptr(entropy if g_ent is not None else None), temperature, ignore_index, grad.data_ptr(),

@@ -6,7 +6,6 @@ a backend that can run the inputs, or raises :class:`BackendUnavailable`
 saying why. ``"auto"`` picks by device: CUDA tensors -> triton, cuda, torch;
 CPU tensors -> cpu, torch (the Triton interpreter is for tests, never auto).
 """
-import functools
 import importlib.util
 import os
 
@@ -39,11 +38,7 @@ def get(op, backend):
     return _IMPLS[(op, backend)]
 
 
-@functools.cache
-def _triton_error():
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+_TRITON_ERROR = None if importlib.util.find_spec("triton") else "triton is not installed"
 
 
 def unavailable_reason(op, backend, device, dtype=None):
@@ -57,14 +52,14 @@ def unavailable_reason(op, backend, device, dtype=None):
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs CPU tensors, these are on {device}"
-        return _native.cpu_error()
+        return _native.CPU_ERROR
     if backend == "cuda":
         if device.type != "cuda":
             return f"it runs CUDA tensors, these are on {device}"
-        return _native.cuda_error()
+        return _native.CUDA_ERROR
     # triton
-    if _triton_error():
-        return _triton_error()
+    if _TRITON_ERROR:
+        return _TRITON_ERROR
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
