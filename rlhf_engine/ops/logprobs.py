@@ -34,7 +34,9 @@ _TORCH_SLICE_ELEMENTS = 1 << 24
 # The per-row statistics saved for backward are, as in the kernels
 # (csrc/include/rlhf_engine/logprobs.h), stats [N, 2] = (m2, l2) in base-2
 # units: with c = log2(e) / T, log2 p = x * c - m2 - l2. The reference works
-# in float64 on slices of rows and rounds its outputs to the output dtype.
+# on slices of rows; the shifted exponent x * c - m2 is formed in float64
+# (exact, so a +1e4 offset costs no digits) and everything after it in the
+# accumulation dtype: float32, or float64 for float64 logits.
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -47,7 +49,7 @@ def _row_masks(labels, vocab, ignore_index):
     return ignored, valid, torch.where(valid, labels, 0).long()
 
 
-def _out_dtype(rows):
+def _acc_dtype(rows):
     return torch.float64 if rows.dtype == torch.float64 else torch.float32
 
 
@@ -56,34 +58,32 @@ def _row_slices(rows):
     return [slice(s, s + step) for s in range(0, rows.shape[0], step)]
 
 
-def _log2_p(x, stats, c):
-    """log2 softmax(x / T) from saved stats; x [n, V] float64."""
+def _log2_p(x, stats, c, acc):
+    """log2 softmax(x / T) [n, V] from x [n, V] and saved stats [n, 2]."""
     m2, l2 = stats.double().unbind(-1)
-    return x * c - m2[:, None] - l2[:, None]
+    return (x.double() * c - m2[:, None]).to(acc) - l2[:, None].to(acc)
 
 
 @registry.register(OP, "torch")
 def _torch_forward(rows, labels, temperature, ignore_index, compute_entropy):
     """Reference forward on [N, V] rows (see the module docstring)."""
     n, vocab = rows.shape
-    out = _out_dtype(rows)
+    acc = _acc_dtype(rows)
     c = LOG2E / temperature
     ignored, valid, safe = _row_masks(labels, vocab, ignore_index)
-    logp = torch.empty(n, dtype=out, device=rows.device)
-    stats = torch.empty(n, 2, dtype=out, device=rows.device)
-    entropy = torch.empty(n if compute_entropy else 0, dtype=out, device=rows.device)
+    logp = torch.empty(n, dtype=acc, device=rows.device)
+    stats = torch.zeros(n, 2, dtype=acc, device=rows.device)
+    entropy = torch.empty(n if compute_entropy else 0, dtype=acc, device=rows.device)
     for s in _row_slices(rows):
-        x = rows[s].double()
-        m2 = (x.amax(-1) * c).to(out)  # the shift as stored
-        d = x * c - m2.double()[:, None]
-        l2 = torch.exp2(d).sum(-1).log2()
-        stats[s] = torch.stack([m2, l2.to(out)], -1)
-        log2_p = _log2_p(x, stats[s], c)
-        logp[s] = (log2_p.gather(1, safe[s, None])[:, 0] * LN2).to(out)
+        stats[s, 0] = (rows[s].amax(-1).double() * c).to(acc)  # the shift, as stored
+        shifted = _log2_p(rows[s], stats[s], c, acc)  # l2 = 0 so far
+        stats[s, 1] = torch.exp2(shifted).sum(-1, dtype=torch.float64).log2().to(acc)
+        log2_p = shifted - stats[s, 1:]
+        logp[s] = log2_p.gather(1, safe[s, None])[:, 0] * LN2
         if compute_entropy:
             p = torch.exp2(log2_p)
-            entropy[s] = (-LN2 * torch.where(p > 0, p * log2_p, 0.0).sum(-1)).to(out)
-    nan = torch.tensor(float("nan"), dtype=out, device=rows.device)
+            entropy[s] = -LN2 * torch.where(p > 0, p * log2_p, 0.0).sum(-1, dtype=torch.float64).to(acc)
+    nan = torch.tensor(float("nan"), dtype=acc, device=rows.device)
     logp = torch.where(ignored, 0.0, torch.where(valid, logp, nan))
     if compute_entropy:
         entropy = torch.where(ignored, 0.0, torch.where(valid, entropy, nan))
@@ -94,16 +94,18 @@ def _torch_forward(rows, labels, temperature, ignore_index, compute_entropy):
 def _torch_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     """Reference backward: grad [N, V] in the dtype of ``rows``."""
     vocab = rows.shape[1]
+    acc = _acc_dtype(rows)
     c = LOG2E / temperature
     ignored, valid, safe = _row_masks(labels, vocab, ignore_index)
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     for s in _row_slices(rows):
-        log2_p = _log2_p(rows[s].double(), stats[s], c)
+        log2_p = _log2_p(rows[s], stats[s], c, acc)
         p = torch.exp2(log2_p)
-        g = -g_logp[s, None].double() * p
-        g.scatter_add_(1, safe[s, None], g_logp[s, None].double())
+        g = -g_logp[s, None].to(acc) * p
+        # The label's entry: g_logp * (1 - p) with 1 - p formed before rounding.
+        g.scatter_add_(1, safe[s, None], g_logp[s, None].to(acc))
         if g_ent is not None:
-            g -= g_ent[s, None].double() * p * (log2_p * LN2 + entropy[s, None].double())
+            g -= g_ent[s, None].to(acc) * p * (log2_p * LN2 + entropy[s, None].to(acc))
         g = torch.where(valid[s, None], g / temperature, float("nan"))
         grad[s] = torch.where(ignored[s, None], 0.0, g).to(rows.dtype)
     return grad

@@ -115,6 +115,19 @@ def test_confident_rows_label_gradient(backend, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_large_gradient_fully_written(backend, gen):
+    """A gradient over 8 MiB (the CPU kernels back it with huge pages) is
+    still poisoned before the call and fully written."""
+    logits, labels = random_case(gen, (16,), 151936, torch.float32, ignored_rows=3)
+    x_ref, logp_ref, _ = reference(logits, labels)
+    (ref,) = torch.autograd.grad(logp_ref.sum(), x_ref)
+    x = logits.requires_grad_()
+    with poisoned_outputs():
+        token_logprobs(x, labels, backend=backend).sum().backward()
+    assert_close(x.grad, ref, 1e-6, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored_rows(backend):
     logits = torch.randn(3, 4, 37, requires_grad=True)
     labels = torch.full((3, 4), IGNORE)

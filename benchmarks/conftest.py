@@ -1,0 +1,57 @@
+"""Benchmark session set-up: collect ``bench_*.py``, pick the device, gather
+results and write them at the end of the session (see harness.py).
+
+Run with ``bash scripts/bench.sh`` (or ``python -m pytest benchmarks``);
+``pytest tests`` never loads this folder. TRITON_INTERPRET is never set here:
+the Triton candidates run only on a GPU.
+"""
+import signal
+
+import pytest
+
+import harness
+
+COLLECTOR = harness.Collector()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A timeout's SIGTERM ends the session like Ctrl-C: what was measured is written.
+signal.signal(signal.SIGTERM, _interrupt)
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_report_header(config):
+    return [f"benchmarks on {harness.device()} ({harness.machine_name()}), "
+            f"results to {harness.output_dir()}"]
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The GPU when there is one, else the CPU."""
+    return harness.device()
+
+
+@pytest.fixture(scope="session")
+def collector():
+    return COLLECTOR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if COLLECTOR.records:
+        session.config._rlhf_bench_out = COLLECTOR.write()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    folder = getattr(config, "_rlhf_bench_out", None)
+    if folder:
+        terminalreporter.write_line(f"[bench] results written to {folder}/results.{{json,md,png}}")
+    else:
+        terminalreporter.write_line("[bench] no results recorded (nothing written)")

@@ -1,0 +1,195 @@
+"""token_logprobs against eager torch, torch.compile and (on a GPU) Liger-Kernel.
+
+Modes: ``fwd`` (under torch.no_grad, as in scoring old and reference
+log-probs) and ``fwd+bwd`` (forward on a leaf logits tensor, then
+``.sum().backward()``; the gradient is dropped before every call).
+
+Byte model (B bytes per logit): fwd reads the logits once (N*V*B);
+fwd+bwd reads them in forward and in backward and writes the gradient
+(3*N*V*B). The floor is those bytes at the copy bandwidth of the same run.
+"""
+import os
+import time
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import harness
+from rlhf_engine.ops import registry, token_logprobs
+
+OP = "token_logprobs"
+T = 1.0  # temperature (Liger has none; the others divide by it)
+DEV = harness.device()
+
+
+class Case(NamedTuple):
+    n: int
+    v: int
+    dtype: torch.dtype
+
+    @property
+    def name(self):
+        return f"[{self.n}, {self.v}] {str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def id(self):
+        return f"{self.n}x{self.v}-{str(self.dtype).removeprefix('torch.')}"
+
+    def model_bytes(self, mode):
+        logits = self.n * self.v * self.dtype.itemsize
+        return {"fwd": logits, "fwd+bwd": 3 * logits}[mode]
+
+
+CASES = {
+    # [4096, 32000] float32 and bfloat16 are the CPU acceptance targets: the cpu
+    # backend >= 1.5x faster than eager in fwd+bwd, <= half its peak memory.
+    "cpu": [Case(4096, 32000, torch.float32), Case(4096, 32000, torch.bfloat16), Case(512, 151936, torch.bfloat16)],
+    # Targets: fwd >= 80% of copy bandwidth (logits read once), fwd+bwd >= 70%
+    # (read + read + write).
+    "cuda": [Case(16384, 152064, torch.bfloat16), Case(4096, 32000, torch.float32)],
+}[DEV.type]
+MODES = ("fwd", "fwd+bwd")
+CANDIDATES = {
+    "cpu": ("eager", "rlhf_engine[cpu]", "compiled", "rlhf_engine[torch]"),
+    "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "liger", "compiled", "rlhf_engine[torch]"),
+}[DEV.type]
+# The float64 torch backend takes 10-20 s a call on the CPU beyond ~1e8
+# logits: there it runs only with RLHF_ENGINE_BENCH_SLOW=1.
+SLOW_CPU_ELEMENTS = 100_000_000
+COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
+
+
+# Candidates ----------------------------------------------------------------------
+
+def eager(logits, labels):
+    """The reference: upcast, scale, log_softmax, gather (with autograd)."""
+    return torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None])[..., 0]
+
+
+_compiled = torch.compile(eager, dynamic=False)
+_compile_failure = []  # the first compile failure or timeout skips the later compiled runs
+
+
+def compiled(logits, labels):
+    return _compiled(logits, labels)
+
+
+def engine(backend):
+    return lambda logits, labels: token_logprobs(logits, labels, temperature=T, backend=backend)
+
+
+def liger(logits, labels):
+    """-cross entropy per token; Liger writes the gradient into the logits in forward."""
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    return -liger_cross_entropy(logits if T == 1.0 else logits / T, labels, reduction="none")
+
+
+def candidate_fn(name, case):
+    """The candidate's function, or pytest.skip with the reason it cannot run."""
+    if name == "eager":
+        return eager
+    if name == "compiled":
+        if _compile_failure:
+            pytest.skip(f"torch.compile skipped after: {_compile_failure[0]}")
+        return compiled
+    if name == "liger":
+        try:
+            import liger_kernel.transformers.functional  # noqa: F401
+        except Exception as exc:
+            pytest.skip(f"liger_kernel not importable: {exc!r}")
+        return liger
+    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
+    reason = registry.unavailable_reason(OP, backend, DEV, case.dtype)
+    if reason:
+        pytest.skip(reason)
+    if backend == "torch" and DEV.type == "cpu" and case.n * case.v > SLOW_CPU_ELEMENTS \
+            and os.environ.get("RLHF_ENGINE_BENCH_SLOW") != "1":
+        pytest.skip("the float64 torch backend is too slow on the CPU at this size (RLHF_ENGINE_BENCH_SLOW=1 runs it)")
+    return engine(backend)
+
+
+# Inputs ----------------------------------------------------------------------------
+
+_inputs = {}
+
+
+def inputs(case):
+    """(logits, labels) of ``case``, drawn once and kept while its tests run."""
+    if case not in _inputs:
+        _inputs.clear()
+        gen = torch.Generator(DEV).manual_seed(0)
+        logits = torch.randn(case.n, case.v, generator=gen, device=DEV, dtype=case.dtype).mul_(3)
+        labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
+        _inputs[case] = (logits, labels)
+    return _inputs[case]
+
+
+def notes(case):
+    mb = case.n * case.v * case.dtype.itemsize / harness.MB
+    out = [f"Byte model: fwd reads the logits once ({mb:.0f} MB); fwd+bwd reads them twice and writes "
+           f"the gradient ({3 * mb:.0f} MB)."]
+    extra = {"notes": out}
+    if case.dtype != torch.float32:
+        fp32 = case.n * case.v * 4
+        extra["fp32_copy_bytes"] = fp32
+        out.append(f"A float32 N×V tensor is {fp32 / harness.MB:.0f} MB: a candidate whose largest single "
+                   "allocation is smaller never made a float32 copy of the logits (last column).")
+    return extra
+
+
+# The benchmark ---------------------------------------------------------------------
+
+PARAMS = []
+for _case in CASES:
+    PARAMS.append(pytest.param(_case, "copy", "copy", id=f"{_case.id}-copy"))
+    PARAMS += [pytest.param(_case, mode, name, id=f"{_case.id}-{mode.replace('+', '_')}-{name}")
+               for mode in MODES for name in CANDIDATES]
+
+
+@pytest.mark.parametrize("case,mode,name", PARAMS)
+def test_token_logprobs(benchmark, collector, case, mode, name):
+    base, labels = inputs(case)
+    if name == "copy":
+        harness.run_copy(benchmark, collector, op=OP, case=case.name, like=base, dev=DEV)
+        return
+    try:
+        fn = candidate_fn(name, case)
+    except pytest.skip.Exception as exc:
+        collector.skip(OP, case.name, name, mode, str(exc))
+        raise
+    # Liger overwrites its input with the gradient: it gets a copy of its own.
+    logits = (base.clone() if name == "liger" else base.detach()).requires_grad_(mode == "fwd+bwd")
+
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                fn(logits, labels)
+        setup = None
+    else:
+        def call():
+            fn(logits, labels).sum().backward()
+
+        def setup():
+            logits.grad = None
+
+    extra = notes(case)
+    if name == "compiled":  # the first call compiles: bounded, and timed apart
+        try:
+            with harness.time_limit(COMPILE_TIMEOUT_S, f"torch.compile ({case.name}, {mode})"):
+                start = time.perf_counter()
+                call()
+                harness.sync(DEV)
+                extra["compile_s"] = time.perf_counter() - start
+        except Exception as exc:
+            _compile_failure.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            collector.skip(OP, case.name, name, mode, f"torch.compile failed: {_compile_failure[-1]}")
+            pytest.skip(f"torch.compile failed: {_compile_failure[-1]}")
+    slow = name == "rlhf_engine[torch]"
+    harness.run(benchmark, collector, op=OP, case=case.name, candidate=name, mode=mode, fn=call, dev=DEV,
+                setup=setup, model_bytes=case.model_bytes(mode), extra=extra,
+                warmup=(0 if DEV.type == "cpu" else 1) if slow else None,
+                min_rounds=(1 if DEV.type == "cpu" else 3) if slow else None)

@@ -1,0 +1,48 @@
+"""Time and peak memory of a callable, on the CPU or a CUDA device.
+
+Used by the demo, the benchmarks and (per phase) the engine's metrics.
+CPU peak memory comes from the profiler's allocation events (torch keeps no
+CPU allocator statistics); CUDA peak memory from the caching allocator.
+"""
+import time
+
+import torch
+
+
+def peak_memory(fn, device="cpu"):
+    """Run ``fn()`` once; return (its result, peak bytes allocated during the
+    call beyond what was allocated before it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - before
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return out, peak
+
+
+def median_time(fn, device="cpu", repeats=5, warmup=1):
+    """Median wall time of ``fn()`` in seconds (CUDA work synchronised)."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
