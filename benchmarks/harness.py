@@ -114,19 +114,36 @@ def machine_info():
 
 # Measuring -----------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Memory:
+    """What one call allocates beyond what was allocated before it."""
+    peak_bytes: int                  # the larger of the two peaks below
+    allocator_bytes: int             # peak of torch's allocator (CUDA, or the CPU profiler's view)
+    rss_bytes: int | None = None     # CPU: growth of the resident high-water mark (every allocator)
+    largest_alloc_bytes: int | None = None  # CPU: largest single allocation through torch's allocator
+
+
 def peak_memory(fn, dev):
-    """(peak bytes allocated beyond what was allocated before ``fn()``, largest
-    single allocation in bytes or None where it is not measured)."""
+    """:class:`Memory` of one call of ``fn`` (synchronized on CUDA).
+
+    CUDA: ``max_memory_allocated`` minus what was allocated before. CPU: the
+    profiler's allocation events (peak of their running sum, and the largest
+    one), and the growth of the process's resident high-water mark (VmHWM,
+    reset through /proc/self/clear_refs), which also sees memory that does not
+    come from torch's allocator (e.g. from_blob over posix_memalign)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         fn()
         torch.cuda.synchronize(dev)
-        return torch.cuda.max_memory_allocated(dev) - before, None
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        return Memory(peak, peak)
+    rss_before = _reset_rss_peak()
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
+    rss = _proc_status("VmHWM") - rss_before if rss_before is not None else None
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     peak = live = largest = 0
@@ -134,7 +151,23 @@ def peak_memory(fn, dev):
         live += nbytes
         peak = max(peak, live)
         largest = max(largest, nbytes)
-    return peak, largest
+    return Memory(max(peak, rss or 0), peak, rss, largest)
+
+
+def _proc_status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_rss_peak():
+    """Reset VmHWM to the current resident size and return it (None if Linux won't)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status("VmRSS")
+    except (OSError, KeyError):
+        return None
 
 
 @contextmanager
@@ -163,8 +196,7 @@ class Record:
     max_s: float
     rounds: int
     calls_per_round: int              # > 1 only for short calls on a GPU
-    peak_bytes: int                   # allocated beyond the inputs during one call
-    largest_alloc_bytes: int | None   # largest single allocation (CPU only)
+    memory: Memory                    # what one call allocates beyond its inputs
     model_bytes: int | None           # bytes that must move (the byte model), if given
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -193,7 +225,7 @@ def run(benchmark, collector, *, op, case, candidate, mode, fn, dev, setup=None,
         one_call = time.perf_counter() - start
     setup()
     start = time.perf_counter()
-    peak, largest = peak_memory(fn, dev)
+    memory = peak_memory(fn, dev)
     one_call = one_call or time.perf_counter() - start
 
     # On a GPU, rounds of at least ~2 ms (one synchronization per round).
@@ -210,14 +242,13 @@ def run(benchmark, collector, *, op, case, candidate, mode, fn, dev, setup=None,
     rounds = min(cfg["max_rounds"], max(cfg["min_rounds"], math.ceil(cfg["budget_s"] / (one_call * calls))))
 
     benchmark.group = f"{op} {case} {mode}"
-    benchmark.extra_info.update(peak_bytes=peak, largest_alloc_bytes=largest, calls_per_round=calls,
-                                **(extra or {}))
+    benchmark.extra_info.update(dataclasses.asdict(memory), calls_per_round=calls, **(extra or {}))
     benchmark.pedantic(timed, setup=timed_setup, rounds=rounds, iterations=1, warmup_rounds=0)
     if not benchmark.stats:  # --benchmark-disable
         return None
     stats = benchmark.stats.stats
     record = Record(op, case, candidate, mode, stats.median / calls, stats.min / calls, stats.max / calls,
-                    stats.rounds, calls, peak, largest, model_bytes, dict(extra or {}))
+                    stats.rounds, calls, memory, model_bytes, dict(extra or {}))
     collector.add(record)
     return record
 
