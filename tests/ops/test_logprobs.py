@@ -275,12 +275,15 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
         return (logp * 2 - 0.01 * entropy).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss, fullgraph=True)  # inductor
     out_c = compiled(logits)
     (grad_c,) = torch.autograd.grad(out_c, logits)
     out_e = loss(logits)
     (grad_e,) = torch.autograd.grad(out_e, logits)
-    assert torch.equal(out_c, out_e) and torch.equal(grad_c, grad_e)
+    # The op itself runs the same kernels; only inductor's fused sum around
+    # it may round differently.
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-9)
 
 
 # GPU -------------------------------------------------------------------------------
