@@ -41,7 +41,8 @@ for name in ("pytest", "pytest_benchmark", "matplotlib", "pybind11", "transforme
     except Exception as exc:
         print(name, "unavailable:", repr(exc))
 '
-command -v nvcc >>"$OUT/versions.txt" 2>&1 && nvcc --version >>"$OUT/versions.txt" 2>&1
+NVCC="$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")"
+{ echo "nvcc: $NVCC"; timeout 20 "$NVCC" --version; } >>"$OUT/versions.txt" 2>&1
 
 export MAX_JOBS=16
 step build 150 "$OUT/build.log" env RLHF_ENGINE_CUDA=1 \

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_engine import profiling
+
 REFERENCE = "eager"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 MB = 1e6
@@ -114,60 +116,10 @@ def machine_info():
 
 # Measuring -----------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Memory:
-    """What one call allocates beyond what was allocated before it."""
-    peak_bytes: int                  # the larger of the two peaks below
-    allocator_bytes: int             # peak of torch's allocator (CUDA, or the CPU profiler's view)
-    rss_bytes: int | None = None     # CPU: growth of the resident high-water mark (every allocator)
-    largest_alloc_bytes: int | None = None  # CPU: largest single allocation through torch's allocator
-
-
 def peak_memory(fn, dev):
-    """:class:`Memory` of one call of ``fn`` (synchronized on CUDA).
-
-    CUDA: ``max_memory_allocated`` minus what was allocated before. CPU: the
-    profiler's allocation events (peak of their running sum, and the largest
-    one), and the growth of the process's resident high-water mark (VmHWM,
-    reset through /proc/self/clear_refs), which also sees memory that does not
-    come from torch's allocator (e.g. from_blob over posix_memalign)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        fn()
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - before
-        return Memory(peak, peak)
-    rss_before = _reset_rss_peak()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    rss = _proc_status("VmHWM") - rss_before if rss_before is not None else None
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    peak = live = largest = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-        largest = max(largest, nbytes)
-    return Memory(max(peak, rss or 0), peak, rss, largest)
-
-
-def _proc_status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_rss_peak():
-    """Reset VmHWM to the current resident size and return it (None if Linux won't)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status("VmRSS")
-    except (OSError, KeyError):
-        return None
+    """:class:`MemoryStats` of one call of ``fn`` (see rlhf_engine.profiling:
+    torch's CUDA allocator, or the CPU profiler's allocation events)."""
+    return profiling.peak_memory(fn, dev)[1]
 
 
 @contextmanager
@@ -196,7 +148,7 @@ class Record:
     max_s: float
     rounds: int
     calls_per_round: int              # > 1 only for short calls on a GPU
-    memory: Memory                    # what one call allocates beyond its inputs
+    memory: profiling.MemoryStats     # what one call allocates beyond its inputs
     model_bytes: int | None           # bytes that must move (the byte model), if given
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -302,7 +254,7 @@ class Collector:
             out.append(dict(
                 dataclasses.asdict(r),
                 speedup=ref.median_s / r.median_s if ref else None,
-                memory_ratio=(r.peak_bytes / ref.peak_bytes) if ref and ref.peak_bytes else None,
+                memory_ratio=r.memory.peak_bytes / ref.memory.peak_bytes if ref and ref.memory.peak_bytes else None,
                 floor_s=floor_s,
                 pct_of_floor=100 * floor_s / r.median_s if floor_s else None,
             ))
@@ -331,9 +283,10 @@ class Collector:
                  f"{info['cpu_count']} CPUs ({info['torch_threads']} torch threads), commit {info['git_commit']}, "
                  f"{info['date']}.", "",
                  f"Times are medians. Speed-up and memory ratio are against `{REFERENCE}` in the same run "
-                 "(speed-up > 1 is faster; memory ratio < 1 is smaller). Peak memory is what the call allocates "
-                 "beyond its inputs (it includes the gradient in fwd+bwd). % of floor: the byte model's bytes "
-                 "at the copy bandwidth measured in the same run.", ""]
+                 "(speed-up > 1 is faster; memory ratio < 1 is smaller). Peak memory is what one call allocates "
+                 "beyond its inputs (it includes the gradient in fwd+bwd), from torch's allocator (on the CPU through "
+                 "the profiler's allocation events). % of floor: the byte model's bytes at the copy bandwidth "
+                 "measured in the same run.", ""]
         for op in dict.fromkeys(r["op"] for r in rows):
             lines += [f"## {op}", ""]
             for case in dict.fromkeys(r["case"] for r in rows if r["op"] == op):
@@ -350,18 +303,16 @@ class Collector:
             notes.append(f"torch.compile's first call (compiling, not timed): {', '.join(compiles)}.")
         fp32_bytes = rows[0]["extra"].get("fp32_copy_bytes")  # set for half-precision logits
         head = ["candidate", "mode", "median ms", "speed-up", "peak MB", "memory ratio", "% of floor"]
-        if fp32_bytes:
-            head.append("allocates a float32 N×V?")
+        head += ["allocates a float32 N×V?"] if fp32_bytes else []
         lines = [f"### {case}", ""] + [f"- {n}" for n in notes]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            cells = [r["candidate"], r["mode"], f"{r['median_s'] * 1e3:.2f}", _fmt(r["speedup"], "{:.2f}×"),
-                     f"{r['peak_bytes'] / MB:.1f}", _fmt(r["memory_ratio"], "{:.2f}"),
+            m = r["memory"]
+            cells = [r["candidate"], r["mode"], _ms(r["median_s"]), _fmt(r["speedup"], "{:.2f}×"),
+                     f"{m['peak_bytes'] / MB:.1f}", _fmt(r["memory_ratio"], "{:.2f}"),
                      _fmt(r["pct_of_floor"], "{:.0f}%")]
             if fp32_bytes:
-                largest = r["largest_alloc_bytes"]
-                cells.append("n/a" if largest is None else
-                             f"**{'yes' if largest >= fp32_bytes else 'no'}** (largest {largest / MB:.1f} MB)")
+                cells.append(_fp32_verdict(m, fp32_bytes))
             lines.append("| " + " | ".join(cells) + " |")
         skipped = [s for s in self.skipped if (s["op"], s["case"]) == (op, case)]
         if skipped:
@@ -387,7 +338,7 @@ class Collector:
                 by_candidate = {r["candidate"]: r for r in case_rows if r["mode"] == mode}
                 xs = [c + i * width for c in range(len(candidates))]
                 times = [by_candidate[c]["median_s"] * 1e3 if c in by_candidate else 0 for c in candidates]
-                mems = [by_candidate[c]["peak_bytes"] / MB if c in by_candidate else 0 for c in candidates]
+                mems = [by_candidate[c]["memory"]["peak_bytes"] / MB if c in by_candidate else 0 for c in candidates]
                 ax_t.bar(xs, times, width, label=mode)
                 ax_m.bar(xs, mems, width, label=mode)
             for ax, title in ((ax_t, "median time (ms, log)"), (ax_m, "peak memory beyond inputs (MB)")):
@@ -399,6 +350,21 @@ class Collector:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _fp32_verdict(m, fp32_bytes):
+    """Did one call allocate a float32 tensor the size of the (half-precision)
+    logits? On the CPU the largest single allocation says; on CUDA only the
+    peak is known."""
+    largest = m["largest_bytes"]
+    if largest is None:
+        return "**no** (peak smaller)" if m["peak_bytes"] < fp32_bytes else "unknown (peak larger)"
+    return f"**{'yes' if largest >= fp32_bytes else 'no'}** (largest {largest / MB:.1f} MB)"
+
+
+def _ms(seconds):
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
 
 
 def _fmt(value, spec):

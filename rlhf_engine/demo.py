@@ -58,9 +58,9 @@ def run_case(shape, dtype, device, repeats):
             out.sum().backward()
             return out
 
-        out, peak = peak_memory(step, device)  # also the warm-up
+        out, memory = peak_memory(step, device)  # also the warm-up
         seconds = median_time(step, device, repeats=repeats, warmup=0)
-        rows.append((name, _rel(out.cpu(), ref), _rel(x.grad.cpu(), ref_grad), seconds, peak, ""))
+        rows.append((name, _rel(out.cpu(), ref), _rel(x.grad.cpu(), ref_grad), seconds, memory.peak_bytes, ""))
     return rows
 
 

@@ -4,14 +4,23 @@ Used by the demo, the benchmarks and (per phase) the engine's metrics.
 CPU peak memory comes from the profiler's allocation events (torch keeps no
 CPU allocator statistics); CUDA peak memory from the caching allocator.
 """
+import dataclasses
 import time
+from typing import Optional
 
 import torch
 
 
+@dataclasses.dataclass
+class MemoryStats:
+    """What one call allocated beyond what was allocated before it."""
+
+    peak_bytes: int  # high-water mark of live allocations
+    largest_bytes: Optional[int] = None  # largest single allocation (CPU only)
+
+
 def peak_memory(fn, device="cpu"):
-    """Run ``fn()`` once; return (its result, peak bytes allocated during the
-    call beyond what was allocated before it)."""
+    """Run ``fn()`` once; return (its result, :class:`MemoryStats`)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -19,17 +28,18 @@ def peak_memory(fn, device="cpu"):
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
         torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - before
+        return out, MemoryStats(torch.cuda.max_memory_allocated(device) - before)
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         out = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
-    current = peak = 0
+    live = peak = largest = 0
     for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return out, peak
+        live += nbytes
+        peak = max(peak, live)
+        largest = max(largest, nbytes)
+    return out, MemoryStats(peak, largest)
 
 
 def median_time(fn, device="cpu", repeats=5, warmup=1):

@@ -54,8 +54,9 @@ CANDIDATES = {
     "cpu": ("eager", "rlhf_engine[cpu]", "compiled", "rlhf_engine[torch]"),
     "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "liger", "compiled", "rlhf_engine[torch]"),
 }[DEV.type]
-# The float64 torch backend takes 10-20 s a call on the CPU beyond ~1e8
-# logits: there it runs only with RLHF_ENGINE_BENCH_SLOW=1.
+# The torch backend (the readable reference, sliced, partly in float64) takes
+# 10-20 s a call on a small CPU beyond ~1e8 logits: there it runs only with
+# RLHF_ENGINE_BENCH_SLOW=1.
 SLOW_CPU_ELEMENTS = 100_000_000
 COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
 
@@ -108,7 +109,8 @@ def candidate_fn(name, case):
         pytest.skip(reason)
     if backend == "torch" and DEV.type == "cpu" and case.n * case.v > SLOW_CPU_ELEMENTS \
             and os.environ.get("RLHF_ENGINE_BENCH_SLOW") != "1":
-        pytest.skip("the float64 torch backend is too slow on the CPU at this size (RLHF_ENGINE_BENCH_SLOW=1 runs it)")
+        pytest.skip("the torch reference backend is too slow on the CPU at this size "
+                    "(RLHF_ENGINE_BENCH_SLOW=1 runs it)")
     return engine(backend)
 
 
@@ -136,8 +138,8 @@ def notes(case):
     if case.dtype != torch.float32:
         fp32 = case.n * case.v * 4
         extra["fp32_copy_bytes"] = fp32
-        out.append(f"A float32 N×V tensor is {fp32 / harness.MB:.0f} MB: a candidate whose largest single "
-                   "allocation is smaller never made a float32 copy of the logits (last column).")
+        out.append(f"A float32 N×V tensor is {fp32 / harness.MB:.0f} MB: a candidate whose largest allocation "
+                   "through torch's allocator is smaller never made a float32 copy of the logits (last column).")
     return extra
 
 
