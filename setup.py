@@ -6,6 +6,11 @@
   The vector instruction set is the build host's (AVX512, AVX2 or none), as
   torch reports it; ``RLHF_ENGINE_CPU_CAPABILITY=DEFAULT|AVX2|AVX512``
   overrides it.
+* ``rlhf_engine._cpu_kernels``: the plain C++ CPU kernels (csrc/cpu/*.cpp
+  except the ATen-based ones listed in ``ATEN_CPU_SOURCES``), compiled without
+  torch headers into a shared library that rlhf_engine loads with ctypes and
+  that C/C++ programs can link (csrc/include/rlhf_engine/*.h). Same vector
+  ISA flags as ``_C``.
 * ``rlhf_engine._cuda_kernels``: the CUDA kernels (csrc/cuda/*.cu), compiled
   by nvcc as plain CUDA C++ without torch headers and linked with a static
   CUDA runtime into a shared library that rlhf_engine loads with ctypes.
@@ -46,12 +51,21 @@ def cpu_capability():
     return cap if cap in CPU_FLAGS else "DEFAULT"
 
 
+# CPU kernels written with ATen's vector types and at::parallel_for: they go
+# into the torch extension. Every other csrc/cpu/*.cpp is plain C++.
+ATEN_CPU_SOURCES = ["csrc/cpu/logprobs.cpp"]
+
+
+def plain_cpu_sources():
+    return sorted(set(glob.glob("csrc/cpu/*.cpp")) - set(ATEN_CPU_SOURCES))
+
+
 def cpu_extension():
     cap = cpu_capability()
     defines = [f"-DRLHF_ENGINE_CPU_CAPABILITY=\"{cap}\""]
     if cap != "DEFAULT":
         defines += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/torch_ops.cpp", "csrc/pybind.cpp"]
+    sources = ATEN_CPU_SOURCES + ["csrc/torch_ops.cpp", "csrc/pybind.cpp"]
     return CppExtension(
         "rlhf_engine._C",
         sources,
@@ -77,23 +91,58 @@ class NvccLibrary(Extension):
         self.cu_sources = cu_sources
 
 
+class PlainCppLibrary(Extension):
+    """A shared library of plain C++ (no torch, no Python), built by $CXX."""
+
+    def __init__(self, name, cpp_sources):
+        super().__init__(name, sources=[])
+        self.cpp_sources = cpp_sources
+
+
+def cuda_mode():
+    """'0' (skip), '1' (required) or 'auto' (when nvcc is found)."""
+    return os.environ.get("RLHF_ENGINE_CUDA", "auto")
+
+
 class BuildNative(BuildExtension):
-    """torch's BuildExtension for the C++ module, plain nvcc for the CUDA library."""
+    """torch's BuildExtension for the C++ module, $CXX for the plain CPU
+    library and nvcc for the CUDA library; libraries with nothing to build are
+    dropped up front (an editable install copies every listed output)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.extensions = [ext for ext in self.extensions if self._wanted(ext)]
+
+    @staticmethod
+    def _wanted(ext):
+        if isinstance(ext, PlainCppLibrary):
+            return bool(ext.cpp_sources)
+        if isinstance(ext, NvccLibrary):
+            if cuda_mode() == "1" and find_nvcc() is None:
+                raise RuntimeError("RLHF_ENGINE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+            wanted = bool(ext.cu_sources) and cuda_mode() != "0" and find_nvcc() is not None
+            if not wanted:
+                print("rlhf_engine: skipping the CUDA kernels (no sources, no nvcc, or RLHF_ENGINE_CUDA=0)")
+            return wanted
+        return True
 
     def build_extension(self, ext):
         if isinstance(ext, NvccLibrary):
             self._build_cuda_library(ext)
+        elif isinstance(ext, PlainCppLibrary):
+            self._build_plain_library(ext)
         else:
             super().build_extension(ext)
 
+    def _build_plain_library(self, ext):
+        cxx = os.environ.get("CXX", "c++")
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", f"-I{INCLUDE}", *CPU_FLAGS[cpu_capability()]]
+        subprocess.check_call([cxx, *flags, *ext.cpp_sources, "-o", out])
+
     def _build_cuda_library(self, ext):
-        mode = os.environ.get("RLHF_ENGINE_CUDA", "auto")
         nvcc = find_nvcc()
-        if not ext.cu_sources or mode == "0" or (nvcc is None and mode != "1"):
-            print("rlhf_engine: skipping the CUDA kernels (no sources, no nvcc, or RLHF_ENGINE_CUDA=0)")
-            return
-        if nvcc is None:
-            raise RuntimeError("RLHF_ENGINE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
         archs = os.environ.get("RLHF_ENGINE_CUDA_ARCHS", "80;90").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
@@ -121,6 +170,7 @@ setup(
     package_dir={"rlhf_engine.kernels": "kernels"},
     ext_modules=[
         cpu_extension(),
+        PlainCppLibrary("rlhf_engine._cpu_kernels", plain_cpu_sources()),
         NvccLibrary("rlhf_engine._cuda_kernels", sorted(glob.glob("csrc/cuda/*.cu"))),
     ],
     cmdclass={"build_ext": BuildNative.with_options(use_ninja=True)},

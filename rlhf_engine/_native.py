@@ -1,10 +1,16 @@
-"""Loading of the compiled parts: the C++ module and the CUDA kernel library.
+"""Loading of the compiled parts.
 
-``rlhf_engine._C`` (C++ CPU kernels, registered as ``torch.ops.rlhf_engine_cpu``)
-is an ordinary extension module. ``rlhf_engine._cuda_kernels`` is a plain
-shared library of C entry points (csrc/include/rlhf_engine/*.h) built by nvcc
-without torch headers; it is loaded with ctypes. Either may be missing (not
-built, or built without nvcc); ``CPU_ERROR`` / ``CUDA_ERROR`` then say why.
+* ``rlhf_engine._C``: the ATen-based C++ CPU kernels, registered as
+  ``torch.ops.rlhf_engine_cpu.*`` (an ordinary extension module).
+* ``rlhf_engine._cpu_kernels``: the plain C++ CPU kernels, and
+  ``rlhf_engine._cuda_kernels``: the CUDA kernels (built by nvcc without
+  torch headers). Both are shared libraries of the C entry points declared in
+  csrc/include/rlhf_engine/*.h, loaded with ctypes; :func:`kernel` binds one
+  entry point. ``RLHF_ENGINE_CPU_KERNELS`` / ``RLHF_ENGINE_CUDA_KERNELS`` may
+  name another build of a library to load instead.
+
+Each part may be missing (not built, or built without nvcc); its ``*_ERROR``
+constant then says why, and the backends needing it report that reason.
 """
 import ctypes
 import glob
@@ -15,7 +21,7 @@ import torch  # noqa: F401  (the C++ module needs torch's libraries loaded first
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_cpu():
+def _load_cpu_module():
     try:
         from rlhf_engine import _C
     except ImportError as exc:
@@ -23,40 +29,53 @@ def _load_cpu():
     return _C, None
 
 
-_VP, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-
-# Argument types of the C entry points, by function name.
-_CUDA_SIGNATURES = {
-    "rlhf_token_logprobs_forward_cuda": [_VP, _INT, _I64, _I64, _I64, _VP, _INT, _F32, _I64, _VP, _VP, _VP, _VP],
-    "rlhf_token_logprobs_backward_cuda": [_VP, _VP, _VP, _INT, _I64, _I64, _I64, _VP, _INT, _VP, _VP, _F32, _I64, _VP, _VP],
-}
-
-
-def _load_cuda():
-    paths = glob.glob(os.path.join(_HERE, "_cuda_kernels*.so"))
-    if not paths:
-        return None, "the CUDA kernels are not built (nvcc was not found when rlhf_engine was installed)"
+def _load_library(stem, env, missing):
+    path = os.environ.get(env) or next(iter(glob.glob(os.path.join(_HERE, stem + "*.so"))), None)
+    if path is None:
+        return None, missing
     try:
-        lib = ctypes.CDLL(paths[0])
+        return ctypes.CDLL(path), None
     except OSError as exc:
-        return None, f"the CUDA kernel library failed to load: {exc}"
-    for name, argtypes in _CUDA_SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return lib, None
+        return None, f"{stem} failed to load: {exc}"
 
 
 # Loaded once at import (plain module constants, so torch.compile traces
-# backend choice without guarding on caches): the module or library, or None
-# and the reason it is missing.
-CPU_MODULE, CPU_ERROR = _load_cpu()
-CUDA_LIBRARY, CUDA_ERROR = _load_cuda()
+# backend choice without guarding on caches).
+CPU_MODULE, CPU_ERROR = _load_cpu_module()
+CPU_KERNELS, CPU_KERNELS_ERROR = _load_library(
+    "_cpu_kernels", "RLHF_ENGINE_CPU_KERNELS", "the plain C++ CPU kernels are not built; run `pip install -e .`")
+CUDA_KERNELS, CUDA_ERROR = _load_library(
+    "_cuda_kernels", "RLHF_ENGINE_CUDA_KERNELS",
+    "the CUDA kernels are not built (nvcc was not found when rlhf_engine was installed)")
+
+VOIDP, I64, INT, F32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
+_BOUND = {}
 
 
-def check_cuda_status(code, name):
-    """Raise when a CUDA entry point returned a nonzero status."""
+def kernel(library, name, argtypes):
+    """The C entry point ``name`` of a ctypes ``library``, returning int."""
+    key = (id(library), name)
+    if key not in _BOUND:
+        fn = getattr(library, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        _BOUND[key] = fn
+    return _BOUND[key]
+
+
+def check_status(code, name):
+    """Raise when a C entry point returned a nonzero status."""
     if code != 0:
-        raise RuntimeError(f"rlhf_engine: {name} failed with CUDA error {code}")
+        raise RuntimeError(f"rlhf_engine: {name} failed with status {code}")
+
+
+def ptr(t):
+    """Data pointer of a tensor, or None (NULL) for None."""
+    return None if t is None else t.data_ptr()
+
+
+def stream(device):
+    """The current CUDA stream of ``device`` as a cudaStream_t handle."""
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -113,12 +113,12 @@ def _torch_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ig
 
 # 2. kernel adapters -------------------------------------------------------------
 
-@registry.register(OP, "cpu")
+@registry.register(OP, "cpu", requires=_native.CPU_ERROR)
 def _cpu_forward(rows, labels, temperature, ignore_index, compute_entropy):
     return torch.ops.rlhf_engine_cpu.token_logprobs_forward(rows, labels, temperature, ignore_index, compute_entropy)
 
 
-@registry.register(OP_BACKWARD, "cpu")
+@registry.register(OP_BACKWARD, "cpu", requires=_native.CPU_ERROR)
 def _cpu_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     return torch.ops.rlhf_engine_cpu.token_logprobs_backward(
         g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
@@ -140,38 +140,39 @@ def _triton_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, i
 
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
+_CUDA_FORWARD = [_native.VOIDP, _native.INT, _native.I64, _native.I64, _native.I64, _native.VOIDP, _native.INT,
+                 _native.F32, _native.I64, _native.VOIDP, _native.VOIDP, _native.VOIDP, _native.VOIDP]
+_CUDA_BACKWARD = [_native.VOIDP, _native.VOIDP, _native.VOIDP, _native.INT, _native.I64, _native.I64, _native.I64,
+                  _native.VOIDP, _native.INT, _native.VOIDP, _native.VOIDP, _native.F32, _native.I64, _native.VOIDP,
+                  _native.VOIDP]
 
 
-def _stream(device):
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-@registry.register(OP, "cuda")
+@registry.register(OP, "cuda", requires=_native.CUDA_ERROR)
 def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
     n, vocab = rows.shape
     logp = torch.empty(n, dtype=torch.float32, device=rows.device)
     stats = torch.empty(n, 2, dtype=torch.float32, device=rows.device)
     entropy = torch.empty(n if compute_entropy else 0, dtype=torch.float32, device=rows.device)
-    code = _native.CUDA_LIBRARY.rlhf_token_logprobs_forward_cuda(
+    name = "rlhf_token_logprobs_forward_cuda"
+    code = _native.kernel(_native.CUDA_KERNELS, name, _CUDA_FORWARD)(
         rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab, rows.stride(0),
         labels.data_ptr(), int(labels.dtype == torch.int64), temperature, ignore_index,
-        logp.data_ptr(), entropy.data_ptr() if compute_entropy else None, stats.data_ptr(), _stream(rows.device))
-    _native.check_cuda_status(code, "rlhf_token_logprobs_forward_cuda")
+        logp.data_ptr(), entropy.data_ptr() if compute_entropy else None, stats.data_ptr(), _native.stream(rows.device))
+    _native.check_status(code, name)
     return logp, entropy, stats
 
 
-@registry.register(OP_BACKWARD, "cuda")
+@registry.register(OP_BACKWARD, "cuda", requires=_native.CUDA_ERROR)
 def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     n, vocab = rows.shape
     grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device)
-    code = _native.CUDA_LIBRARY.rlhf_token_logprobs_backward_cuda(
-        g_logp.data_ptr(), _ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
+    name = "rlhf_token_logprobs_backward_cuda"
+    code = _native.kernel(_native.CUDA_KERNELS, name, _CUDA_BACKWARD)(
+        g_logp.data_ptr(), _native.ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
         rows.stride(0), labels.data_ptr(), int(labels.dtype == torch.int64), stats.data_ptr(),
-        _ptr(entropy if g_ent is not None else None), temperature, ignore_index, grad.data_ptr(),
-        _stream(rows.device))
-    _native.check_cuda_status(code, "rlhf_token_logprobs_backward_cuda")
+        _native.ptr(entropy if g_ent is not None else None), temperature, ignore_index, grad.data_ptr(),
+        _native.stream(rows.device))
+    _native.check_status(code, name)
     return grad
 
 

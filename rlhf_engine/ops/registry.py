@@ -11,7 +11,6 @@ import os
 
 import torch
 
-from rlhf_engine import _native
 from rlhf_engine.errors import BackendUnavailable
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -19,15 +18,19 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _IMPLS = {}
+_REQUIRES = {}
 
 
-def register(op, backend):
-    """Decorator: the implementation of ``op`` on ``backend``."""
+def register(op, backend, requires=None):
+    """Decorator: the implementation of ``op`` on ``backend``. ``requires``:
+    why the native code it calls is missing (an ``rlhf_engine._native``
+    ``*_ERROR`` constant), None when it is there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
 
     def wrap(fn):
         _IMPLS[(op, backend)] = fn
+        _REQUIRES[(op, backend)] = requires
         return fn
 
     return wrap
@@ -52,11 +55,11 @@ def unavailable_reason(op, backend, device, dtype=None):
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs CPU tensors, these are on {device}"
-        return _native.CPU_ERROR
+        return _REQUIRES[(op, backend)]
     if backend == "cuda":
         if device.type != "cuda":
             return f"it runs CUDA tensors, these are on {device}"
-        return _native.CUDA_ERROR
+        return _REQUIRES[(op, backend)]
     # triton
     if _TRITON_ERROR:
         return _TRITON_ERROR
