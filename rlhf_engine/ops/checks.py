@@ -48,3 +48,24 @@ def positive_float(name, value):
     if not (out > 0 and out != float("inf")):
         raise ValueError(f"{name} must be finite and > 0, got {value!r}")
     return out
+
+
+def debug_enabled():
+    """Whether :func:`debug_checks` is on (value checks on every device)."""
+    return _debug["enabled"]
+
+
+def finite(name, x):
+    """Under :func:`debug_checks`, ``x`` must hold no NaN or inf (a sync).
+    Otherwise NaN inputs give NaN outputs, as each op documents."""
+    if _debug["enabled"] and x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def mask(name, m, shape):
+    """A 0/1 mask of ``shape`` (bool, or any float/int dtype holding 0/1) as
+    bool (a view when it already is bool)."""
+    tensor(name, m)
+    if m.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(m.shape)}")
+    return m if m.dtype == torch.bool else m != 0
