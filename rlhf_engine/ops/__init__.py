@@ -1,6 +1,8 @@
 """The fused RL ops (contract: shared/API.md). Every op takes ``backend=``:
 "auto", "torch", "cpu", "triton" or "cuda"."""
+from rlhf_engine.ops.advantages import gae, group_advantages, masked_whiten
 from rlhf_engine.ops.checks import debug_checks
+from rlhf_engine.ops.kl import kl_penalty, kl_shaped_rewards
 from rlhf_engine.ops.logprobs import token_logprobs
 
-__all__ = ["debug_checks", "token_logprobs"]
+__all__ = ["debug_checks", "gae", "group_advantages", "kl_penalty", "kl_shaped_rewards", "masked_whiten", "token_logprobs"]
