@@ -1,0 +1,373 @@
+"""Advantage estimation: ``gae``, ``masked_whiten`` and ``group_advantages``.
+
+Layout of this module, top to bottom:
+
+1. the torch references (readable math, always accumulated in float64),
+2. the adapters of the cpu, triton and cuda kernels, one signature per op:
+   ``gae(rewards [B, T], values [B, T], mask [B, T] bool, gamma, lam)
+   -> (advantages, returns)``, ``masked_whiten(x [R, C], mask [R, C] bool,
+   shift_mean, eps) -> out [R, C]`` and ``group_advantages(scores [N],
+   group_size, normalize_std, eps) -> out [N]``; the kernel adapters take
+   contiguous float32 tensors and return float32,
+3. the custom ops ``torch.ops.rlhf_engine.gae``, ``masked_whiten`` and
+   ``group_advantages`` with fake kernels,
+4. the public functions (validation, dtype conversion, backend choice).
+
+None of the three is differentiable: their outputs are training targets
+(advantages, returns) or transformed targets. The public functions detach
+their inputs, and the results never require grad.
+
+Kernels and their contract: ``csrc/include/rlhf_engine/advantages.h``
+(C++/CUDA) and ``kernels/advantages.py`` (Triton).
+"""
+import math
+
+import torch
+
+from rlhf_engine import _native
+from rlhf_engine.ops import checks, registry
+
+OP_GAE = "gae"
+OP_WHITEN = "masked_whiten"
+OP_GROUP = "group_advantages"
+
+
+# 1. torch references --------------------------------------------------------------
+
+@registry.register(OP_GAE, "torch")
+def _torch_gae(rewards, values, mask, gamma, lam):
+    """GAE with masked positions skipped: a reverse loop over time on [B]
+    columns in float64, carrying the value and advantage of the next valid
+    position. Returns (advantages, returns) [B, T] in the inputs' dtype."""
+    r, v = rewards.double(), values.double()
+    next_v = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
+    next_a = torch.zeros_like(next_v)
+    adv = torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):
+        a = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * next_a
+        valid = mask[:, t]
+        next_v = torch.where(valid, v[:, t], next_v)
+        next_a = torch.where(valid, a, next_a)
+        adv[:, t] = torch.where(valid, a, 0.0)
+    ret = torch.where(mask, adv + v, 0.0)
+    return adv.to(rewards.dtype), ret.to(rewards.dtype)
+
+
+def _masked_moments(x, mask):
+    """(count, mean, unbiased variance) of x over mask, float64 0-d tensors;
+    mean 0 with no valid position, variance 0 with fewer than two."""
+    xd = x.double()
+    count = mask.sum(dtype=torch.float64)
+    mean = torch.where(mask, xd, 0.0).sum() / count.clamp(min=1)
+    ss = torch.where(mask, (xd - mean) ** 2, 0.0).sum()
+    var = torch.where(count >= 2, ss / (count - 1).clamp(min=1), 0.0)
+    return count, mean, var
+
+
+@registry.register(OP_WHITEN, "torch")
+def _torch_masked_whiten(x, mask, shift_mean, eps):
+    _, mean, var = _masked_moments(x, mask)
+    out = (x.double() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0.0).to(x.dtype)
+
+
+@registry.register(OP_GROUP, "torch")
+def _torch_group_advantages(scores, group_size, normalize_std, eps):
+    groups = scores.double().view(-1, group_size)
+    centered = groups - groups.mean(-1, keepdim=True)
+    if normalize_std:
+        std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(groups)
+        centered = centered / (std + eps)
+    return centered.reshape(-1).to(scores.dtype)
+
+
+# 2. kernel adapters -----------------------------------------------------------------
+
+def _u8(mask):
+    """A bool mask as uint8, zero-copy."""
+    return mask.view(torch.uint8)
+
+
+_GAE_ARGS = [_native.VOIDP, _native.VOIDP, _native.VOIDP, _native.I64, _native.I64, _native.F32, _native.F32,
+            _native.VOIDP, _native.VOIDP]
+_WHITEN_ARGS = [_native.VOIDP, _native.VOIDP, _native.I64, _native.I64, _native.INT, _native.F32, _native.VOIDP]
+_GROUP_ARGS = [_native.VOIDP, _native.I64, _native.I64, _native.INT, _native.F32, _native.VOIDP]
+
+
+def _call(library, name, argtypes, *args):
+    _native.check_status(_native.kernel(library, name, argtypes)(*args), name)
+
+
+@registry.register(OP_GAE, "cpu", requires=_native.CPU_KERNELS_ERROR)
+def _cpu_gae(rewards, values, mask, gamma, lam):
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    _call(_native.CPU_KERNELS, "rlhf_gae_cpu", _GAE_ARGS, rewards.data_ptr(), values.data_ptr(),
+          _u8(mask).data_ptr(), rewards.shape[0], rewards.shape[1], gamma, lam, adv.data_ptr(), ret.data_ptr())
+    return adv, ret
+
+
+@registry.register(OP_WHITEN, "cpu", requires=_native.CPU_KERNELS_ERROR)
+def _cpu_masked_whiten(x, mask, shift_mean, eps):
+    out = torch.empty_like(x)
+    _call(_native.CPU_KERNELS, "rlhf_masked_whiten_cpu", _WHITEN_ARGS, x.data_ptr(), _u8(mask).data_ptr(),
+          x.shape[0], x.shape[1], int(shift_mean), eps, out.data_ptr())
+    return out
+
+
+@registry.register(OP_GROUP, "cpu", requires=_native.CPU_KERNELS_ERROR)
+def _cpu_group_advantages(scores, group_size, normalize_std, eps):
+    out = torch.empty_like(scores)
+    _call(_native.CPU_KERNELS, "rlhf_group_advantages_cpu", _GROUP_ARGS, scores.data_ptr(), scores.shape[0],
+          group_size, int(normalize_std), eps, out.data_ptr())
+    return out
+
+
+@registry.register(OP_GAE, "triton")
+def _triton_gae(rewards, values, mask, gamma, lam):
+    from rlhf_engine.kernels import advantages as kernels
+
+    return kernels.gae(rewards, values, _u8(mask), gamma, lam)
+
+
+@registry.register(OP_WHITEN, "triton")
+def _triton_masked_whiten(x, mask, shift_mean, eps):
+    from rlhf_engine.kernels import advantages as kernels
+
+    return kernels.masked_whiten(x, _u8(mask), shift_mean, eps)
+
+
+@registry.register(OP_GROUP, "triton")
+def _triton_group_advantages(scores, group_size, normalize_std, eps):
+    from rlhf_engine.kernels import advantages as kernels
+
+    return kernels.group_advantages(scores, group_size, normalize_std, eps)
+
+
+def _whiten_workspace_doubles(n_rows):
+    """RLHF_MASKED_WHITEN_WORKSPACE(n_rows) of advantages.h."""
+    return 2 * n_rows + 4
+
+
+@registry.register(OP_GAE, "cuda", requires=_native.CUDA_ERROR)
+def _cuda_gae(rewards, values, mask, gamma, lam):
+    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
+    _call(_native.CUDA_KERNELS, "rlhf_gae_cuda", _GAE_ARGS + [_native.VOIDP], rewards.data_ptr(), values.data_ptr(),
+          _u8(mask).data_ptr(), rewards.shape[0], rewards.shape[1], gamma, lam, adv.data_ptr(), ret.data_ptr(),
+          _native.stream(rewards.device))
+    return adv, ret
+
+
+@registry.register(OP_WHITEN, "cuda", requires=_native.CUDA_ERROR)
+def _cuda_masked_whiten(x, mask, shift_mean, eps):
+    out = torch.empty_like(x)
+    workspace = torch.empty(_whiten_workspace_doubles(x.shape[0]), dtype=torch.float64, device=x.device)
+    _call(_native.CUDA_KERNELS, "rlhf_masked_whiten_cuda", _WHITEN_ARGS + [_native.VOIDP, _native.VOIDP],
+          x.data_ptr(), _u8(mask).data_ptr(), x.shape[0], x.shape[1], int(shift_mean), eps, out.data_ptr(),
+          workspace.data_ptr(), _native.stream(x.device))
+    return out
+
+
+@registry.register(OP_GROUP, "cuda", requires=_native.CUDA_ERROR)
+def _cuda_group_advantages(scores, group_size, normalize_std, eps):
+    out = torch.empty_like(scores)
+    _call(_native.CUDA_KERNELS, "rlhf_group_advantages_cuda", _GROUP_ARGS + [_native.VOIDP], scores.data_ptr(),
+          scores.shape[0], group_size, int(normalize_std), eps, out.data_ptr(), _native.stream(scores.device))
+    return out
+
+
+# 3. custom ops ----------------------------------------------------------------------
+
+def _check_finite(name, x, mask):
+    """Under debug_checks: NaN/inf at a valid position raises ValueError
+    (masked positions are never read, so they may hold anything)."""
+    if checks.debug_enabled():
+        checks.finite(name, torch.where(mask, x, 0.0))
+
+
+@torch.library.custom_op("rlhf_engine::gae", mutates_args=())
+def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] from contiguous rewards, values [B, T]
+    (float32, or float64 on the torch backend) and a bool mask [B, T]."""
+    _check_finite("rewards", rewards, mask)
+    _check_finite("values", values, mask)
+    if rewards.numel() == 0:
+        return torch.zeros_like(rewards), torch.zeros_like(rewards)
+    return registry.get(OP_GAE, backend)(rewards, values, mask, gamma, lam)
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, gamma, lam, backend):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
+@torch.library.custom_op("rlhf_engine::masked_whiten", mutates_args=())
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float,
+                     backend: str) -> torch.Tensor:
+    """Whitened x (its shape) from a contiguous x [R, C] and bool mask [R, C]."""
+    _check_finite("x", x, mask)
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    return registry.get(OP_WHITEN, backend)(x, mask, shift_mean, eps)
+
+
+@masked_whiten_op.register_fake
+def _(x, mask, shift_mean, eps, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("rlhf_engine::group_advantages", mutates_args=())
+def group_advantages_op(scores: torch.Tensor, group_size: int, normalize_std: bool, eps: float,
+                        backend: str) -> torch.Tensor:
+    """Group-relative advantages [N] from contiguous scores [N]."""
+    checks.finite("scores", scores)
+    if scores.numel() == 0:
+        return torch.zeros_like(scores)
+    return registry.get(OP_GROUP, backend)(scores, group_size, normalize_std, eps)
+
+
+@group_advantages_op.register_fake
+def _(scores, group_size, normalize_std, eps, backend):
+    return torch.empty_like(scores)
+
+
+# 4. public functions ----------------------------------------------------------------
+
+def _fraction(name, value):
+    """``value`` must be a number in [0, 1]; returned as a Python float."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not 0.0 <= out <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return out
+
+
+def _nonnegative(name, value):
+    """``value`` must be a finite number >= 0; returned as a Python float."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not 0.0 <= out < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return out
+
+
+def _prepare(backend, op, **tensors):
+    """(backend chosen, the tensors detached, contiguous, in the compute dtype:
+    float64 if any of them is float64, else float32)."""
+    first = next(iter(tensors.values()))
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
+    chosen = registry.resolve(op, backend, first.device, dtype)
+    return chosen, [t.detach().to(dtype).contiguous() for t in tensors.values()]
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=1.0, backend="auto"):
+    """Generalized advantage estimation with masked positions skipped.
+
+    Positions where ``mask`` is 0 (padding, or tool/observation tokens inside
+    a response) neither add a TD error nor decay the credit: with ``next_v``
+    and ``A`` the value and advantage of the next valid position of the row
+    (both 0 past the last one)::
+
+        delta_t = r_t + gamma * next_v - v_t
+        A_t = delta_t + gamma * lam * A_next,      returns_t = A_t + v_t
+
+    Args:
+        rewards, values: ``[B, T]`` floating tensors (converted to float32;
+            float64 stays float64 on the torch backend).
+        mask: ``[B, T]``, bool or 0/1 of any dtype.
+        gamma, lam: discount and GAE lambda, in [0, 1].
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]`` float32 (float64 for
+        float64 inputs on the torch backend), 0.0 where ``mask`` is 0. Not differentiable (targets; the inputs are detached). NaN at a
+        valid position gives NaN at it and at every earlier valid position of
+        its row (ValueError under ``debug_checks(True)``); masked positions
+        are never read. No whitening: see :func:`masked_whiten`.
+    """
+    checks.tensor("rewards", rewards, kind="float")
+    checks.tensor("values", values, kind="float")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    if values.shape != rewards.shape:
+        raise ValueError(f"values must have the shape of rewards {tuple(rewards.shape)}, got {tuple(values.shape)}")
+    mask = checks.mask("mask", mask, rewards.shape)
+    checks.same_device(rewards=rewards, values=values, mask=mask)
+    gamma, lam = _fraction("gamma", gamma), _fraction("lam", lam)
+    chosen, (rewards, values) = _prepare(backend, OP_GAE, rewards=rewards, values=values)
+    return gae_op(rewards, values, mask.contiguous(), gamma, lam, chosen)
+
+
+def _as_rows(x):
+    """Any shape -> [R, C] (C the last dimension; a 0-d tensor is [1, 1])."""
+    cols = x.shape[-1] if x.dim() else 1
+    return x.reshape(math.prod(x.shape[:-1]) if x.dim() else 1, cols)
+
+
+def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8, backend="auto"):
+    """``(x - mean) * rsqrt(var + eps)`` over the positions where ``mask`` is 1.
+
+    Mean and Bessel-corrected (unbiased) variance are taken over every valid
+    position of the whole tensor, accumulated in float64 per row and then
+    over rows in a fixed order (bit-identical run to run). With fewer than
+    two valid positions the variance is 0 (and with none the mean is 0).
+
+    Args:
+        x: floating tensor of any shape (usually advantages ``[B, T]``).
+        mask: ``x.shape``, bool or 0/1 of any dtype.
+        shift_mean: when False the mean is added back after scaling.
+        eps: added to the variance (finite, >= 0).
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        float32 of ``x.shape`` (float64 for float64 ``x`` on the torch
+        backend), 0.0 where ``mask`` is 0. Not differentiable
+        (applied to targets; the input is detached). A NaN at a valid
+        position makes every valid output NaN (ValueError under
+        ``debug_checks(True)``); masked positions are never read.
+    """
+    checks.tensor("x", x, kind="float")
+    mask = checks.mask("mask", mask, x.shape)
+    checks.same_device(x=x, mask=mask)
+    eps = _nonnegative("eps", eps)
+    chosen, (rows,) = _prepare(backend, OP_WHITEN, x=_as_rows(x))
+    return masked_whiten_op(rows, _as_rows(mask).contiguous(), bool(shift_mean), eps, chosen).view(x.shape)
+
+
+def group_advantages(scores, group_size, *, normalize_std=True, eps=1e-6, backend="auto"):
+    """Group-relative advantages (GRPO / RLOO-style baselines).
+
+    ``scores`` holds consecutive groups of ``group_size`` samples of one
+    prompt each; every score becomes ``score - group_mean``, divided by
+    ``group_std + eps`` (unbiased std) when ``normalize_std``. A group of
+    size 1 gives 0.
+
+    Args:
+        scores: ``[N]`` floating tensor, ``N`` a multiple of ``group_size``.
+        group_size: int >= 1.
+        normalize_std: divide by the group's std (+ eps).
+        eps: finite, >= 0.
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 scores on the torch backend).
+        Not differentiable (the input is detached). A NaN
+        score makes its whole group NaN (ValueError under
+        ``debug_checks(True)``).
+    """
+    checks.tensor("scores", scores, kind="float")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [N], got shape {tuple(scores.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"scores length {scores.shape[0]} is not a multiple of group_size={group_size}")
+    eps = _nonnegative("eps", eps)
+    chosen, (scores,) = _prepare(backend, OP_GROUP, scores=scores)
+    return group_advantages_op(scores, group_size, bool(normalize_std), eps, chosen)
