@@ -1,0 +1,177 @@
+"""ppo_policy_loss and ppo_value_loss against eager torch and torch.compile.
+
+Modes: ``fwd`` (under torch.no_grad: loss and stats only) and ``fwd+bwd``
+(forward on a leaf [B, T] tensor, then ``loss.backward()``; the gradient is
+dropped before every call). Every candidate computes the loss and the stats
+(the eager composition as the op's users write it: clamp, exp, maximum,
+masked sums; no ``.item()``).
+
+Byte model (per token: three float32 inputs and a one-byte mask, 13 bytes):
+fwd reads the inputs once (13 B·T·B); fwd+bwd, at best, reads them once and
+writes the float32 gradient (17 B per token). The kernels' backward reads the
+inputs a second time (30 B per token) so that no [B, T] buffer but the
+gradient is ever allocated: the floor column shows what that costs.
+"""
+import os
+import time
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import harness
+from rlhf_engine.ops import ppo_policy_loss, ppo_value_loss, registry
+
+DEV = harness.device()
+CLIP = 0.2
+BYTES_PER_TOKEN = {"fwd": 13, "fwd+bwd": 17}
+
+
+class Case(NamedTuple):
+    b: int
+    t: int
+
+    @property
+    def name(self):
+        return f"[{self.b}, {self.t}] float32"
+
+    @property
+    def id(self):
+        return f"{self.b}x{self.t}"
+
+    def model_bytes(self, mode):
+        return BYTES_PER_TOKEN[mode] * self.b * self.t
+
+
+# [512, 4096] float32 is the CPU acceptance target: ppo_policy_loss fwd+bwd on
+# the cpu backend >= 2x faster than eager, with no [B, T] allocation but the
+# gradient.
+CASES = {"cpu": [Case(512, 4096)], "cuda": [Case(512, 4096), Case(2048, 8192)]}[DEV.type]
+MODES = ("fwd", "fwd+bwd")
+CANDIDATES = {
+    "cpu": ("eager", "rlhf_engine[cpu]", "compiled", "rlhf_engine[torch]"),
+    "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "compiled", "rlhf_engine[torch]"),
+}[DEV.type]
+COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
+
+
+# Candidates ----------------------------------------------------------------------
+
+def eager_policy(logprobs, old, adv, mask):
+    """The reference: API.md's formulas, token-mean, with autograd."""
+    neg_kl = torch.clamp(logprobs - old, -20, 20)
+    ratio = torch.exp(neg_kl)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - CLIP, 1 + CLIP)
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    loss = (torch.maximum(l1, l2) * m).sum() / n
+    return loss, {"clipfrac": ((l2 > l1).float() * m).sum() / n, "approx_kl": (-neg_kl * m).sum() / n}
+
+
+def eager_value(values, old, returns, mask):
+    v_clip = old + torch.clamp(values - old, -CLIP, CLIP)
+    s1, s2 = (values - returns) ** 2, (v_clip - returns) ** 2
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    return 0.5 * (torch.maximum(s1, s2) * m).sum() / n, {"clipfrac": ((s2 > s1).float() * m).sum() / n}
+
+
+OPS = {"ppo_policy_loss": (eager_policy, ppo_policy_loss), "ppo_value_loss": (eager_value, ppo_value_loss)}
+_compiled = {op: torch.compile(fns[0], dynamic=False) for op, fns in OPS.items()}
+_compile_failure = []  # the first compile failure or timeout skips the later compiled runs
+
+
+def candidate_fn(op, name):
+    """The candidate's function, or pytest.skip with the reason it cannot run."""
+    eager, engine = OPS[op]
+    if name == "eager":
+        return eager
+    if name == "compiled":
+        if _compile_failure:
+            pytest.skip(f"torch.compile skipped after: {_compile_failure[0]}")
+        return _compiled[op]
+    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
+    reason = registry.unavailable_reason(op, backend, DEV, torch.float32)
+    if reason:
+        pytest.skip(reason)
+    kwargs = dict(clip_low=CLIP) if op == "ppo_policy_loss" else dict(clip=CLIP)
+    return lambda x, old, target, mask: engine(x, old, target, mask, backend=backend, **kwargs)
+
+
+# Inputs ----------------------------------------------------------------------------
+
+_inputs = {}
+
+
+def inputs(case):
+    """(x, old, target, mask) of ``case``, drawn once and kept while its tests run:
+    log-prob-like x, old within a few tenths of it, unit targets, 10% padding."""
+    if case not in _inputs:
+        _inputs.clear()
+        gen = torch.Generator(DEV).manual_seed(0)
+        x = -torch.rand(case.b, case.t, generator=gen, device=DEV) * 3
+        old = x + 0.2 * torch.randn(case.b, case.t, generator=gen, device=DEV)
+        target = torch.randn(case.b, case.t, generator=gen, device=DEV)
+        mask = torch.rand(case.b, case.t, generator=gen, device=DEV) > 0.1
+        _inputs[case] = (x, old, target, mask)
+    return _inputs[case]
+
+
+def notes(case):
+    mb = case.b * case.t / harness.MB
+    return {"notes": [f"Byte model: fwd reads the inputs once ({13 * mb:.0f} MB); fwd+bwd at best reads them once "
+                      f"and writes the gradient ({17 * mb:.0f} MB). A float32 [B, T] tensor is {4 * mb:.1f} MB."]}
+
+
+# The benchmark ---------------------------------------------------------------------
+
+PARAMS = []
+for _case in CASES:
+    for _op in OPS:
+        PARAMS.append(pytest.param(_op, _case, "copy", "copy", id=f"{_op}-{_case.id}-copy"))
+        PARAMS += [pytest.param(_op, _case, mode, name, id=f"{_op}-{_case.id}-{mode.replace('+', '_')}-{name}")
+                   for mode in MODES for name in CANDIDATES]
+
+
+@pytest.mark.parametrize("op,case,mode,name", PARAMS)
+def test_losses(benchmark, collector, op, case, mode, name):
+    x, old, target, mask = inputs(case)
+    if name == "copy":
+        harness.run_copy(benchmark, collector, op=op, case=case.name, like=x, dev=DEV)
+        return
+    try:
+        fn = candidate_fn(op, name)
+    except pytest.skip.Exception as exc:
+        collector.skip(op, case.name, name, mode, str(exc))
+        raise
+    leaf = x.detach().requires_grad_(mode == "fwd+bwd")
+
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                fn(leaf, old, target, mask)
+        setup = None
+    else:
+        def call():
+            fn(leaf, old, target, mask)[0].backward()
+
+        def setup():
+            leaf.grad = None
+
+    extra = notes(case)
+    if name == "compiled":  # the first call compiles: bounded, and timed apart
+        try:
+            with harness.time_limit(COMPILE_TIMEOUT_S, f"torch.compile ({op}, {case.name}, {mode})"):
+                start = time.perf_counter()
+                call()
+                harness.sync(DEV)
+                extra["compile_s"] = time.perf_counter() - start
+        except Exception as exc:
+            _compile_failure.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+            collector.skip(op, case.name, name, mode, f"torch.compile failed: {_compile_failure[-1]}")
+            pytest.skip(f"torch.compile failed: {_compile_failure[-1]}")
+    harness.run(benchmark, collector, op=op, case=case.name, candidate=name, mode=mode, fn=call, dev=DEV,
+                setup=setup, model_bytes=case.model_bytes(mode), extra=extra)

@@ -1,0 +1,235 @@
+// PPO policy and value losses on the CPU: the `_cpu` entry points of
+// rlhf_engine/losses.h (the math and layouts are specified there).
+//
+// Forward: one pass over each row. The row is walked in tiles of kTile
+// tokens; a branch-free loop (which the compiler vectorizes) evaluates each
+// token into small stack buffers, and a second loop adds the buffers into
+// kLanes float32 lanes per statistic (16 terms each), added once per tile
+// into float64 lane accumulators. A row's lanes are summed in
+// a fixed order into its float32 partials; then one thread reduces the
+// partials over rows in float64, in row order. So results do not depend on
+// the number of threads, and are bit-identical run to run.
+// Backward: one pass, recomputing each token's derivative and writing
+// upstream * weight_row * dl/dx (no other [B, T] buffer is touched).
+// Rows are spread over threads with rlhf::parallel_for.
+#include "rlhf_engine/losses.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "parallel.h"
+
+namespace {
+
+constexpr int64_t kTile = 256;   // tokens per tile (multiple of kLanes)
+constexpr int64_t kLanes = 16;   // float64 accumulators per statistic
+constexpr int64_t kGrainTokens = 1 << 15;  // tokens per thread at least
+constexpr float kNegKlBound = 20.0f;
+
+// exp(x) for x in [-87, 87] (or NaN), within about 1 ulp: Cephes' expf
+// polynomial with branch-free range reduction, so that loops over it
+// vectorize (libm's expf does not without -ffast-math). n = round(x log2 e)
+// by the 1.5 * 2^23 trick: adds only (floorf does not vectorize when the
+// compiler makes the call conditional).
+inline float exp_bounded(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float fx = (x * 1.44269504088896341f + kRound) - kRound;
+  const float n = fx == fx ? fx : 0.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x == x ? y * scale : x;
+}
+
+// clamp that keeps NaN (std::max/std::min return their first argument then).
+inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
+
+// One token's loss l, derivative dl, and statistics (clipped, -neg_kl, lower).
+struct Token {
+  float l, dl, clipped, kl, lower;
+};
+
+struct PolicyLoss {
+  const float* logprobs;
+  const float* old_logprobs;
+  const float* advantages;
+  float lo, hi, dual;  // ratio bounds 1 - clip_low, 1 + clip_high; dual clip (0: off)
+
+  inline Token operator()(int64_t i) const {
+    const float d = logprobs[i] - old_logprobs[i];
+    const float neg_kl = clamp(d, -kNegKlBound, kNegKlBound);
+    const float ratio = exp_bounded(neg_kl);
+    const float a = advantages[i];
+    const float l1 = -a * ratio;
+    const float l2 = -a * clamp(ratio, lo, hi);
+    const bool clipped = l2 > l1;
+    const float pass = (d >= -kNegKlBound && d <= kNegKlBound) ? 1.0f : 0.0f;
+    float l = clipped ? l2 : l1;
+    float dl = clipped ? 0.0f : l1 * pass;
+    const float bound = -a * dual;
+    const bool lower = dual > 0.0f && a < 0.0f && l > bound;
+    l = lower ? bound : l;
+    dl = lower ? 0.0f : dl;
+    return {l, dl, clipped ? 1.0f : 0.0f, -neg_kl, lower ? 1.0f : 0.0f};
+  }
+};
+
+struct ValueLoss {
+  const float* values;
+  const float* old_values;
+  const float* returns;
+  float clip;
+
+  inline Token operator()(int64_t i) const {
+    const float v = values[i], old = old_values[i], ret = returns[i];
+    const float delta = v - old;
+    const bool inside = delta >= -clip && delta <= clip;
+    const float e1 = v - ret;
+    // v_clip is exactly v inside the clip range (no rounding noise in the flag)
+    const float e2 = inside ? e1 : old + clamp(delta, -clip, clip) - ret;
+    const float s1 = e1 * e1, s2 = e2 * e2;
+    const bool on_e2 = !(s2 <= s1);  // NaN in e2 selects it: NaN propagates
+    return {0.5f * (on_e2 ? s2 : s1), on_e2 ? e2 * 0.0f : e1, s2 > s1 ? 1.0f : 0.0f, 0.0f, 0.0f};
+  }
+};
+
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kGrainTokens / std::max<int64_t>(T, 1)); }
+
+// partials[0..5) of one row (losses.h): masked sums over its T tokens.
+template <class Loss>
+void row_partials(const Loss loss, const uint8_t* mask, int64_t row, int64_t T, float* out) {
+  double acc[RLHF_LOSS_PARTIALS][kLanes] = {};
+  float buf[RLHF_LOSS_PARTIALS][kTile];
+  const int64_t base = row * T;
+  for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    const int64_t n = std::min(kTile, T - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      const Token tok = loss(base + t0 + j);
+      const bool m = mask[base + t0 + j] != 0;
+      buf[0][j] = m ? tok.l : 0.0f;
+      buf[1][j] = m ? 1.0f : 0.0f;
+      buf[2][j] = m ? tok.clipped : 0.0f;
+      buf[3][j] = m ? tok.kl : 0.0f;
+      buf[4][j] = m ? tok.lower : 0.0f;
+    }
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    for (int k = 0; k < RLHF_LOSS_PARTIALS; ++k) {
+      std::fill(buf[k] + n, buf[k] + padded, 0.0f);
+      float tile[kLanes] = {};  // at most kTile / kLanes terms per lane in float32
+      for (int64_t j = 0; j < padded; j += kLanes)
+        for (int64_t q = 0; q < kLanes; ++q) tile[q] += buf[k][j + q];
+      for (int64_t q = 0; q < kLanes; ++q) acc[k][q] += tile[q];
+    }
+  }
+  for (int k = 0; k < RLHF_LOSS_PARTIALS; ++k) {
+    double sum = 0.0;
+    for (int64_t q = 0; q < kLanes; ++q) sum += acc[k][q];
+    out[k] = static_cast<float>(sum);
+  }
+}
+
+// The fixed-order reduction of partials [B, 5] to loss and stats (losses.h).
+void finalize(const float* partials, int64_t B, int agg, const float* normalizer, float* loss, float* stats) {
+  double sum_l = 0.0, count = 0.0, rows = 0.0, row_means = 0.0;
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < B; ++b) {
+    const float* p = partials + b * RLHF_LOSS_PARTIALS;
+    sum_l += p[0];
+    count += p[1];
+    for (int k = 0; k < 3; ++k) sums[k] += p[2 + k];
+    if (p[1] > 0.0f) {
+      rows += 1.0;
+      row_means += static_cast<double>(p[0]) / p[1];
+    }
+  }
+  const double num = agg == RLHF_SEQ_MEAN_TOKEN_MEAN ? row_means : sum_l;
+  const double denom = normalizer ? static_cast<double>(*normalizer) : agg == RLHF_TOKEN_MEAN ? count : rows;
+  *loss = denom > 0.0 ? static_cast<float>(num / denom) : 0.0f;
+  for (int k = 0; k < 3; ++k) stats[k] = count > 0.0 ? static_cast<float>(sums[k] / count) : 0.0f;
+  stats[3] = static_cast<float>(denom);
+}
+
+template <class Loss>
+int forward(const Loss& loss, const uint8_t* mask, int64_t B, int64_t T, int agg, const float* normalizer,
+            float* partials, float* out_loss, float* stats) {
+  if (agg < RLHF_TOKEN_MEAN || agg > RLHF_SEQ_MEAN_TOKEN_MEAN || B < 0 || T < 0) return 1;
+  try {
+    rlhf::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) row_partials(loss, mask, b, T, partials + b * RLHF_LOSS_PARTIALS);
+    });
+  } catch (...) {
+    return 2;
+  }
+  finalize(partials, B, agg, normalizer, out_loss, stats);
+  return 0;
+}
+
+template <class Loss>
+int backward(const Loss& loss, const float* grad_loss, const uint8_t* mask, int64_t B, int64_t T, int agg,
+             const float* partials, const float* stats, float* grad) {
+  if (agg < RLHF_TOKEN_MEAN || agg > RLHF_SEQ_MEAN_TOKEN_MEAN || B < 0 || T < 0) return 1;
+  const float denom = stats[3];
+  const float w_all = denom > 0.0f ? *grad_loss / denom : 0.0f;
+  try {
+    rlhf::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const float count = partials[b * RLHF_LOSS_PARTIALS + 1];
+        const float w = agg != RLHF_SEQ_MEAN_TOKEN_MEAN ? w_all : count > 0.0f ? w_all / count : 0.0f;
+        const int64_t base = b * T;
+        for (int64_t t = 0; t < T; ++t) {
+          const float dl = loss(base + t).dl;
+          grad[base + t] = mask[base + t] ? w * dl : 0.0f;
+        }
+      }
+    });
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int rlhf_ppo_policy_loss_forward_cpu(const float* logprobs, const float* old_logprobs, const float* advantages,
+                                     const uint8_t* mask, int64_t B, int64_t T, float clip_low, float clip_high,
+                                     float dual_clip, int agg, const float* normalizer, float* partials,
+                                     float* loss, float* stats) {
+  const PolicyLoss f{logprobs, old_logprobs, advantages, 1.0f - clip_low, 1.0f + clip_high, dual_clip};
+  return forward(f, mask, B, T, agg, normalizer, partials, loss, stats);
+}
+
+int rlhf_ppo_policy_loss_backward_cpu(const float* grad_loss, const float* logprobs, const float* old_logprobs,
+                                      const float* advantages, const uint8_t* mask, int64_t B, int64_t T,
+                                      float clip_low, float clip_high, float dual_clip, int agg,
+                                      const float* partials, const float* stats, float* grad) {
+  const PolicyLoss f{logprobs, old_logprobs, advantages, 1.0f - clip_low, 1.0f + clip_high, dual_clip};
+  return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad);
+}
+
+int rlhf_ppo_value_loss_forward_cpu(const float* values, const float* old_values, const float* returns,
+                                    const uint8_t* mask, int64_t B, int64_t T, float clip, int agg,
+                                    const float* normalizer, float* partials, float* loss, float* stats) {
+  const ValueLoss f{values, old_values, returns, clip};
+  return forward(f, mask, B, T, agg, normalizer, partials, loss, stats);
+}
+
+int rlhf_ppo_value_loss_backward_cpu(const float* grad_loss, const float* values, const float* old_values,
+                                     const float* returns, const uint8_t* mask, int64_t B, int64_t T, float clip,
+                                     int agg, const float* partials, const float* stats, float* grad) {
+  const ValueLoss f{values, old_values, returns, clip};
+  return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad);
+}
+
+}  // extern "C"

@@ -1,0 +1,237 @@
+// PPO policy and value losses on CUDA: the `_cuda` entry points of
+// rlhf_engine/losses.h (the math and layouts are specified there).
+//
+// Three kernels, no atomics, so results are bit-identical run to run:
+// * rows: one block per row; each thread strides over the row's tokens (one
+//   read of the four inputs, coalesced), then a fixed shared-memory tree
+//   reduces the block's five sums into the row's partials;
+// * finalize: one block reduces the partials over rows (thread i takes rows
+//   i, i + blockDim, ... in float64, then a fixed tree) to the 0-d loss and
+//   the stats;
+// * backward: a grid-stride loop over the [B, T] tokens recomputes each
+//   token's derivative and writes grad_loss * w_row * dl/dx. The upstream
+//   gradient and the denominator are read from device memory: the whole
+//   forward + backward has no host synchronisation and can be captured in a
+//   CUDA graph.
+// exp(neg_kl) is formed as exp2(t) * (1 + r ln 2), t = neg_kl * log2(e) and r
+// its exact residual (fmaf), which keeps float32 accuracy under
+// --use_fast_math up to |neg_kl| = 20. Clamps use comparisons, not
+// fminf/fmaxf, so that NaN propagates. Offsets are int64.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rlhf_engine/losses.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kNegKlBound = 20.0f;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Token {
+  float l, dl, clipped, kl, lower;
+};
+
+__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
+  x = x < lo ? lo : x;
+  return x > hi ? hi : x;
+}
+
+struct PolicyLoss {
+  const float* logprobs;
+  const float* old_logprobs;
+  const float* advantages;
+  float lo, hi, dual;  // ratio bounds 1 - clip_low, 1 + clip_high; dual clip (0: off)
+
+  __device__ __forceinline__ Token operator()(int64_t i) const {
+    const float d = logprobs[i] - old_logprobs[i];
+    const float neg_kl = clamp_nan(d, -kNegKlBound, kNegKlBound);
+    const float t = neg_kl * kLog2e;
+    const float ratio = exp2f(t) * (1.0f + fmaf(neg_kl, kLog2e, -t) * kLn2);
+    const float a = advantages[i];
+    const float l1 = -a * ratio;
+    const float l2 = -a * clamp_nan(ratio, lo, hi);
+    const bool clipped = l2 > l1;
+    const float pass = (d >= -kNegKlBound && d <= kNegKlBound) ? 1.0f : 0.0f;
+    float l = clipped ? l2 : l1;
+    float dl = clipped ? 0.0f : l1 * pass;
+    const float bound = -a * dual;
+    const bool lower = dual > 0.0f && a < 0.0f && l > bound;
+    l = lower ? bound : l;
+    dl = lower ? 0.0f : dl;
+    return {l, dl, clipped ? 1.0f : 0.0f, -neg_kl, lower ? 1.0f : 0.0f};
+  }
+};
+
+struct ValueLoss {
+  const float* values;
+  const float* old_values;
+  const float* returns;
+  float clip;
+
+  __device__ __forceinline__ Token operator()(int64_t i) const {
+    const float v = values[i], old = old_values[i], ret = returns[i];
+    const float delta = v - old;
+    const bool inside = delta >= -clip && delta <= clip;
+    const float e1 = v - ret;
+    const float e2 = inside ? e1 : old + clamp_nan(delta, -clip, clip) - ret;  // v_clip is exactly v inside
+    const float s1 = e1 * e1, s2 = e2 * e2;
+    const bool on_e2 = !(s2 <= s1);  // NaN in e2 selects it: NaN propagates
+    return {0.5f * (on_e2 ? s2 : s1), on_e2 ? e2 * 0.0f : e1, s2 > s1 ? 1.0f : 0.0f, 0.0f, 0.0f};
+  }
+};
+
+// Fixed-order tree sum of `s[k][0..kThreads)` for every k, into s[k][0].
+template <typename F, int K>
+__device__ __forceinline__ void block_tree_sum(F (*s)[kThreads]) {
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    __syncthreads();
+    if (threadIdx.x < stride) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) s[k][threadIdx.x] += s[k][threadIdx.x + stride];
+    }
+  }
+  __syncthreads();
+}
+
+template <class Loss>
+__global__ void __launch_bounds__(kThreads) rows_kernel(Loss loss, const uint8_t* __restrict__ mask, int64_t T,
+                                                        float* __restrict__ partials) {
+  __shared__ float s[RLHF_LOSS_PARTIALS][kThreads];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * T;
+  float acc[RLHF_LOSS_PARTIALS] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t t = threadIdx.x; t < T; t += kThreads) {
+    if (!mask[base + t]) continue;
+    const Token tok = loss(base + t);
+    acc[0] += tok.l;
+    acc[1] += 1.0f;
+    acc[2] += tok.clipped;
+    acc[3] += tok.kl;
+    acc[4] += tok.lower;
+  }
+#pragma unroll
+  for (int k = 0; k < RLHF_LOSS_PARTIALS; ++k) s[k][threadIdx.x] = acc[k];
+  block_tree_sum<float, RLHF_LOSS_PARTIALS>(s);
+  if (threadIdx.x < RLHF_LOSS_PARTIALS) {
+    partials[static_cast<int64_t>(blockIdx.x) * RLHF_LOSS_PARTIALS + threadIdx.x] = s[threadIdx.x][0];
+  }
+}
+
+// Sums: (l, count, clipped, kl, lower, rows with a valid token, row means).
+constexpr int kFinalSums = 7;
+
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const float* __restrict__ partials, int64_t B, int agg,
+                                                            const float* __restrict__ normalizer,
+                                                            float* __restrict__ loss, float* __restrict__ stats) {
+  __shared__ double s[kFinalSums][kThreads];
+  double acc[kFinalSums] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t b = threadIdx.x; b < B; b += kThreads) {
+    const float* p = partials + b * RLHF_LOSS_PARTIALS;
+#pragma unroll
+    for (int k = 0; k < RLHF_LOSS_PARTIALS; ++k) acc[k] += p[k];
+    if (p[1] > 0.0f) {
+      acc[5] += 1.0;
+      acc[6] += static_cast<double>(p[0]) / p[1];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kFinalSums; ++k) s[k][threadIdx.x] = acc[k];
+  block_tree_sum<double, kFinalSums>(s);
+  if (threadIdx.x == 0) {
+    const double count = s[1][0];
+    const double num = agg == RLHF_SEQ_MEAN_TOKEN_MEAN ? s[6][0] : s[0][0];
+    const double denom = normalizer ? static_cast<double>(*normalizer) : agg == RLHF_TOKEN_MEAN ? count : s[5][0];
+    *loss = denom > 0.0 ? static_cast<float>(num / denom) : 0.0f;
+    for (int k = 0; k < 3; ++k) stats[k] = count > 0.0 ? static_cast<float>(s[2 + k][0] / count) : 0.0f;
+    stats[3] = static_cast<float>(denom);
+  }
+}
+
+template <class Loss>
+__global__ void __launch_bounds__(kThreads) backward_kernel(Loss loss, const float* __restrict__ grad_loss,
+                                                            const uint8_t* __restrict__ mask, int64_t B, int64_t T,
+                                                            int agg, const float* __restrict__ partials,
+                                                            const float* __restrict__ stats,
+                                                            float* __restrict__ grad) {
+  const float denom = stats[3];
+  const float w_all = denom > 0.0f ? __fdiv_rn(*grad_loss, denom) : 0.0f;
+  const int64_t n = B * T;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    float w = w_all;
+    if (agg == RLHF_SEQ_MEAN_TOKEN_MEAN) {
+      const float count = partials[(i / T) * RLHF_LOSS_PARTIALS + 1];
+      w = count > 0.0f ? __fdiv_rn(w_all, count) : 0.0f;
+    }
+    grad[i] = mask[i] ? w * loss(i).dl : 0.0f;
+  }
+}
+
+int check_args(int64_t B, int64_t T, int agg) {
+  const bool ok = B >= 0 && T >= 0 && B < (int64_t(1) << 31) && agg >= RLHF_TOKEN_MEAN &&
+                  agg <= RLHF_SEQ_MEAN_TOKEN_MEAN;
+  return ok ? 0 : static_cast<int>(cudaErrorInvalidValue);
+}
+
+template <class Loss>
+int forward(const Loss& loss, const uint8_t* mask, int64_t B, int64_t T, int agg, const float* normalizer,
+            float* partials, float* out_loss, float* stats, void* stream) {
+  if (const int bad = check_args(B, T, agg)) return bad;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (B > 0) rows_kernel<<<static_cast<unsigned>(B), kThreads, 0, s>>>(loss, mask, T, partials);
+  finalize_kernel<<<1, kThreads, 0, s>>>(partials, B, agg, normalizer, out_loss, stats);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <class Loss>
+int backward(const Loss& loss, const float* grad_loss, const uint8_t* mask, int64_t B, int64_t T, int agg,
+             const float* partials, const float* stats, float* grad, void* stream) {
+  if (const int bad = check_args(B, T, agg)) return bad;
+  const int64_t n = B * T;
+  if (n == 0) return 0;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 * 8 ? blocks : 65536 * 8);
+  backward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(loss, grad_loss, mask, B, T, agg,
+                                                                            partials, stats, grad);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+int rlhf_ppo_policy_loss_forward_cuda(const float* logprobs, const float* old_logprobs, const float* advantages,
+                                      const uint8_t* mask, int64_t B, int64_t T, float clip_low, float clip_high,
+                                      float dual_clip, int agg, const float* normalizer, float* partials,
+                                      float* loss, float* stats, void* stream) {
+  const PolicyLoss f{logprobs, old_logprobs, advantages, 1.0f - clip_low, 1.0f + clip_high, dual_clip};
+  return forward(f, mask, B, T, agg, normalizer, partials, loss, stats, stream);
+}
+
+int rlhf_ppo_policy_loss_backward_cuda(const float* grad_loss, const float* logprobs, const float* old_logprobs,
+                                       const float* advantages, const uint8_t* mask, int64_t B, int64_t T,
+                                       float clip_low, float clip_high, float dual_clip, int agg,
+                                       const float* partials, const float* stats, float* grad, void* stream) {
+  const PolicyLoss f{logprobs, old_logprobs, advantages, 1.0f - clip_low, 1.0f + clip_high, dual_clip};
+  return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad, stream);
+}
+
+int rlhf_ppo_value_loss_forward_cuda(const float* values, const float* old_values, const float* returns,
+                                     const uint8_t* mask, int64_t B, int64_t T, float clip, int agg,
+                                     const float* normalizer, float* partials, float* loss, float* stats,
+                                     void* stream) {
+  const ValueLoss f{values, old_values, returns, clip};
+  return forward(f, mask, B, T, agg, normalizer, partials, loss, stats, stream);
+}
+
+int rlhf_ppo_value_loss_backward_cuda(const float* grad_loss, const float* values, const float* old_values,
+                                      const float* returns, const uint8_t* mask, int64_t B, int64_t T, float clip,
+                                      int agg, const float* partials, const float* stats, float* grad,
+                                      void* stream) {
+  const ValueLoss f{values, old_values, returns, clip};
+  return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad, stream);
+}
+
+}  // extern "C"
