@@ -23,7 +23,9 @@ signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # Files named on the command line are collected by pytest itself.
+    explicit = parent.session.isinitpath(file_path)
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not explicit:
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
