@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_engine import interop
-from rlhf_engine.ops import token_logprobs
+from rlhf_engine.ops import gae, ppo_policy_loss, token_logprobs
 
 
 def test_numpy_in_numpy_out_matches_torch(gen):
@@ -37,3 +37,29 @@ def test_jax_arrays():
     assert type(logp).__module__.startswith("jax")
     ref = token_logprobs(torch.from_numpy(np.asarray(logits)), torch.tensor([1, 6]))
     assert np.allclose(np.asarray(logp), ref.numpy(), rtol=1e-6, atol=0)
+
+
+def test_numpy_gae_and_policy_loss_stats(gen):
+    rewards = torch.randn(3, 11, generator=gen)
+    values = torch.randn(3, 11, generator=gen)
+    mask = torch.rand(3, 11, generator=gen) > 0.3
+    adv, ret = interop.gae(rewards.numpy(), values.numpy(), mask.numpy(), gamma=0.99, lam=0.95)
+    ref_adv, ref_ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    assert isinstance(adv, np.ndarray) and np.array_equal(adv, ref_adv.numpy()) and np.array_equal(ret, ref_ret.numpy())
+
+    old = torch.randn(3, 11, generator=gen)
+    loss, stats = interop.ppo_policy_loss((old + 0.1).numpy(), old.numpy(), adv, mask.numpy())
+    ref_loss, ref_stats = ppo_policy_loss(old + 0.1, old, ref_adv, mask)
+    assert isinstance(loss, np.ndarray) and loss.shape == () and loss == ref_loss.item()
+    assert set(stats) == set(ref_stats) and all(isinstance(v, np.ndarray) for v in stats.values())
+
+
+def test_jax_gae():
+    jnp = pytest.importorskip("jax.numpy")
+    rewards = jnp.asarray([[0.0, 1.0, 2.0]], dtype=jnp.float32)
+    values = jnp.zeros((1, 3), dtype=jnp.float32)
+    mask = jnp.asarray([[True, False, True]])
+    adv, ret = interop.gae(rewards, values, mask)
+    assert type(adv).__module__.startswith("jax")
+    # gamma = lam = 1: the masked middle step is skipped, so A_0 = r_0 + r_2.
+    assert np.array_equal(np.asarray(adv), np.array([[2.0, 0.0, 2.0]], np.float32))
