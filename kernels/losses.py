@@ -1,4 +1,4 @@
-"""PPO policy and value losses in Triton.
+"""PPO policy and value losses and the pairwise reward loss in Triton.
 
 Contract (per-token math, ``partials`` [B, 5] and ``stats`` [4] layouts, the
 reductions): ``csrc/include/rlhf_engine/losses.h``. Inputs are contiguous
@@ -16,6 +16,14 @@ Kernels:
   token's derivative and writes ``grad_loss * w_row * dl/dx`` (the upstream
   gradient and the denominator are read from device memory: no host sync).
 
+Pairwise (``pairwise_loss_forward``, ``pairwise_loss_backward``):
+``_pairwise_tiles_kernel`` writes per-BLOCK partials (sum softplus(-z),
+number correct), ``_pairwise_finalize_kernel`` reduces them in a fixed order
+to the 0-d loss and accuracy, and ``_pairwise_backward_kernel`` writes both
+gradients in one element-wise pass (upstream gradient read from device
+memory). ``log1p(e)`` is ``log(u) * e / (u - 1)`` with ``u = 1 + e`` (``e``
+when ``u`` rounds to 1), accurate where a plain ``log(1 + e)`` is not.
+
 ``exp(neg_kl)`` is formed as ``exp2(t) * (1 + r ln 2)`` with ``t = neg_kl *
 log2(e)`` and ``r`` its exact rounding residual, so that it keeps float32
 accuracy up to |neg_kl| = 20 (a plain ``exp2(neg_kl * log2(e))`` loses up to
@@ -29,12 +37,14 @@ import triton.language as tl
 
 from rlhf_engine.kernels.logprobs import _INTERPRET, _fma
 
-__all__ = ["ppo_loss_forward", "ppo_loss_backward"]
+__all__ = ["ppo_loss_forward", "ppo_loss_backward", "pairwise_loss_forward", "pairwise_loss_backward"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _KINDS = {"policy": 0, "value": 1}
 _N_PARTIALS, _N_STATS = 5, 4
+_EXP_BOUND = tl.constexpr(110.0)  # exp(+-110) is inf / 0 in float32; the residual is NaN at +-inf
+_PAIRWISE_BLOCK = 1024
 
 
 @triton.jit
@@ -45,12 +55,18 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _exp_accurate(x, INTERPRET: tl.constexpr):
+    """exp(x) = exp2(t) * (1 + r ln 2), t = x log2(e) and r its exact residual."""
+    log2e = tl.full([], _LOG2E, tl.float32)
+    t = x * log2e
+    return tl.exp2(t) * (1.0 + _fma(x, log2e, -t, INTERPRET) * _LN2)
+
+
+@triton.jit
 def _policy_token(x, old, adv, clip_low, clip_high, dual, INTERPRET: tl.constexpr):
     d = x - old
     neg_kl = _clamp(d, -20.0, 20.0)
-    log2e = tl.full([], _LOG2E, tl.float32)
-    t = neg_kl * log2e
-    ratio = tl.exp2(t) * (1.0 + _fma(neg_kl, log2e, -t, INTERPRET) * _LN2)
+    ratio = _exp_accurate(neg_kl, INTERPRET)
     l1 = -adv * ratio
     l2 = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = l2 > l1
@@ -222,3 +238,83 @@ def ppo_loss_backward(kind, grad_loss, x, old, target, mask, params, agg, partia
                                *_params(params), KIND=_KINDS[kind], AGG=agg, BLOCK_T=block_t, INTERPRET=_INTERPRET,
                                num_warps=max(1, min(8, block_t // 256)))
     return grad
+
+
+@triton.jit
+def _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, offs, in_bounds):
+    """(chosen, rejected, z = chosen - rejected - margin) of a block of pairs."""
+    chosen = tl.load(chosen_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    rejected = tl.load(rejected_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    margin = tl.load(margin_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    return chosen, rejected, chosen - rejected - margin
+
+
+@triton.jit
+def _pairwise_tiles_kernel(chosen_ptr, rejected_ptr, margin_ptr, partials_ptr, N, BLOCK: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < N
+    chosen, rejected, z = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, offs, in_bounds)
+    e = _exp_accurate(-tl.abs(_clamp(z, -_EXP_BOUND, _EXP_BOUND)), INTERPRET)
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    softplus = tl.where(z > 0.0, 0.0, -z) + log1p  # -logsigmoid(z); the comparison keeps NaN
+    tl.store(partials_ptr + tile * 2, tl.sum(tl.where(in_bounds, softplus, 0.0), 0))
+    tl.store(partials_ptr + tile * 2 + 1, tl.sum(tl.where(in_bounds & (chosen > rejected), 1.0, 0.0), 0))
+
+
+@triton.jit
+def _pairwise_finalize_kernel(partials_ptr, tiles, count, loss_ptr, accuracy_ptr, BLOCK: tl.constexpr):
+    acc_l = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, tiles, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        p = partials_ptr + k.to(tl.int64) * 2
+        acc_l += tl.load(p, mask=k < tiles, other=0.0)
+        acc_c += tl.load(p + 1, mask=k < tiles, other=0.0)
+    tl.store(loss_ptr, tl.sum(acc_l, 0) / count)
+    tl.store(accuracy_ptr, tl.sum(acc_c, 0) / count)
+
+
+@triton.jit
+def _pairwise_backward_kernel(grad_loss_ptr, chosen_ptr, rejected_ptr, margin_ptr, grad_chosen_ptr,
+                              grad_rejected_ptr, N, count, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < N
+    _, _, z = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, offs, in_bounds)
+    w = tl.load(grad_loss_ptr).to(tl.float32) / count
+    g = -w / (1.0 + _exp_accurate(_clamp(z, -_EXP_BOUND, _EXP_BOUND), INTERPRET))  # -sigmoid(-z) g / N
+    tl.store(grad_chosen_ptr + offs, g, mask=in_bounds)
+    tl.store(grad_rejected_ptr + offs, -g, mask=in_bounds)
+
+
+def _count(n):
+    """The divisor of the pairwise mean (a float32 runtime argument; 1 when empty)."""
+    return float(max(n, 1))
+
+
+def pairwise_loss_forward(chosen, rejected, margin):
+    """(loss [], accuracy []) float32 of contiguous float32 [N] scores and margin."""
+    n = chosen.numel()
+    loss = chosen.new_empty(())
+    accuracy = chosen.new_empty(())
+    tiles = triton.cdiv(n, _PAIRWISE_BLOCK)
+    partials = chosen.new_empty(tiles, 2)
+    if tiles > 0:
+        _pairwise_tiles_kernel[(tiles,)](chosen, rejected, margin, partials, n, BLOCK=_PAIRWISE_BLOCK,
+                                         INTERPRET=_INTERPRET, num_warps=4)
+    _pairwise_finalize_kernel[(1,)](partials, tiles, _count(n), loss, accuracy, BLOCK=_block(tiles, 1024), num_warps=4)
+    return loss, accuracy
+
+
+def pairwise_loss_backward(grad_loss, chosen, rejected, margin):
+    """(grad_chosen [N], grad_rejected [N]) float32; ``grad_loss`` a 0-d float32 tensor."""
+    n = chosen.numel()
+    grad_chosen = torch.empty_like(chosen)
+    grad_rejected = torch.empty_like(chosen)
+    if n > 0:
+        _pairwise_backward_kernel[(triton.cdiv(n, _PAIRWISE_BLOCK),)](
+            grad_loss, chosen, rejected, margin, grad_chosen, grad_rejected, n, _count(n), BLOCK=_PAIRWISE_BLOCK,
+            INTERPRET=_INTERPRET, num_warps=4)
+    return grad_chosen, grad_rejected

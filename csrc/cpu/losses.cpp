@@ -1,5 +1,6 @@
-// PPO policy and value losses on the CPU: the `_cpu` entry points of
-// rlhf_engine/losses.h (the math and layouts are specified there).
+// PPO policy and value losses and the pairwise reward loss on the CPU: the
+// `_cpu` entry points of rlhf_engine/losses.h (the math and layouts are
+// specified there).
 //
 // Forward: one pass over each row. The row is walked in tiles of kTile
 // tokens; a branch-free loop (which the compiler vectorizes) evaluates each
@@ -12,9 +13,13 @@
 // Backward: one pass, recomputing each token's derivative and writing
 // upstream * weight_row * dl/dx (no other [B, T] buffer is touched).
 // Rows are spread over threads with rlhf::parallel_for.
+// Pairwise: tiles of RLHF_PAIRWISE_TILE pairs are spread over threads, each
+// summed in float64 into its partials; the partials are then summed in tile
+// order in float64. The backward is one element-wise pass.
 #include "rlhf_engine/losses.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -198,6 +203,70 @@ int backward(const Loss& loss, const float* grad_loss, const uint8_t* mask, int6
   return 0;
 }
 
+// z = chosen - rejected - margin of pair i.
+struct Pairs {
+  const float* chosen;
+  const float* rejected;
+  const float* margin;
+
+  inline float z(int64_t i) const { return chosen[i] - rejected[i] - margin[i]; }
+};
+
+// softplus(-z) = -logsigmoid(z), stable for any z (NaN propagates: std::max
+// returns its first argument then).
+inline float softplus_neg(float z) { return std::max(-z, 0.0f) + std::log1p(std::exp(-std::fabs(z))); }
+
+// partials[0..2) of the pairs [lo, hi): (sum softplus(-z), number correct).
+void pairwise_tile(const Pairs& p, int64_t lo, int64_t hi, float* out) {
+  double loss = 0.0, correct = 0.0;
+  for (int64_t i = lo; i < hi; ++i) {
+    loss += softplus_neg(p.z(i));
+    correct += p.chosen[i] > p.rejected[i] ? 1.0 : 0.0;
+  }
+  out[0] = static_cast<float>(loss);
+  out[1] = static_cast<float>(correct);
+}
+
+int pairwise_forward(const Pairs& p, int64_t N, float* partials, float* loss, float* accuracy) {
+  if (N < 0) return 1;
+  const int64_t tiles = (N + RLHF_PAIRWISE_TILE - 1) / RLHF_PAIRWISE_TILE;
+  const int64_t grain = std::max<int64_t>(1, kGrainTokens / RLHF_PAIRWISE_TILE);
+  try {
+    rlhf::parallel_for(0, tiles, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k)
+        pairwise_tile(p, k * RLHF_PAIRWISE_TILE, std::min(N, (k + 1) * RLHF_PAIRWISE_TILE), partials + 2 * k);
+    });
+  } catch (...) {
+    return 2;
+  }
+  double sum = 0.0, correct = 0.0;
+  for (int64_t k = 0; k < tiles; ++k) {
+    sum += partials[2 * k];
+    correct += partials[2 * k + 1];
+  }
+  const double n = static_cast<double>(std::max<int64_t>(N, 1));
+  *loss = static_cast<float>(sum / n);
+  *accuracy = static_cast<float>(correct / n);
+  return 0;
+}
+
+int pairwise_backward(const Pairs& p, const float* grad_loss, int64_t N, float* grad_chosen, float* grad_rejected) {
+  if (N < 0) return 1;
+  const float w = *grad_loss / static_cast<float>(std::max<int64_t>(N, 1));
+  try {
+    rlhf::parallel_for(0, N, kGrainTokens, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const float g = -w / (1.0f + std::exp(p.z(i)));  // -sigmoid(-z) g / N
+        grad_chosen[i] = g;
+        grad_rejected[i] = -g;
+      }
+    });
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -230,6 +299,17 @@ int rlhf_ppo_value_loss_backward_cpu(const float* grad_loss, const float* values
                                      int agg, const float* partials, const float* stats, float* grad) {
   const ValueLoss f{values, old_values, returns, clip};
   return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad);
+}
+
+int rlhf_pairwise_reward_loss_forward_cpu(const float* chosen, const float* rejected, const float* margin, int64_t N,
+                                          float* partials, float* loss, float* accuracy) {
+  return pairwise_forward(Pairs{chosen, rejected, margin}, N, partials, loss, accuracy);
+}
+
+int rlhf_pairwise_reward_loss_backward_cpu(const float* grad_loss, const float* chosen, const float* rejected,
+                                           const float* margin, int64_t N, float* grad_chosen,
+                                           float* grad_rejected) {
+  return pairwise_backward(Pairs{chosen, rejected, margin}, grad_loss, N, grad_chosen, grad_rejected);
 }
 
 }  // extern "C"

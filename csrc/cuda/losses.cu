@@ -1,5 +1,6 @@
-// PPO policy and value losses on CUDA: the `_cuda` entry points of
-// rlhf_engine/losses.h (the math and layouts are specified there).
+// PPO policy and value losses and the pairwise reward loss on CUDA: the
+// `_cuda` entry points of rlhf_engine/losses.h (the math and layouts are
+// specified there).
 //
 // Three kernels, no atomics, so results are bit-identical run to run:
 // * rows: one block per row; each thread strides over the row's tokens (one
@@ -13,6 +14,9 @@
 //   gradient and the denominator are read from device memory: the whole
 //   forward + backward has no host synchronisation and can be captured in a
 //   CUDA graph.
+// Pairwise: one block per tile of RLHF_PAIRWISE_TILE pairs writes the tile's
+// partials (fixed tree), one block reduces them in float64 in a fixed order;
+// the backward is one grid-stride element-wise pass.
 // exp(neg_kl) is formed as exp2(t) * (1 + r ln 2), t = neg_kl * log2(e) and r
 // its exact residual (fmaf), which keeps float32 accuracy under
 // --use_fast_math up to |neg_kl| = 20. Clamps use comparisons, not
@@ -39,6 +43,13 @@ __device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
   return x > hi ? hi : x;
 }
 
+// exp(x) as exp2(t) * (1 + r ln 2), t = x log2(e) and r its exact residual:
+// float32 accuracy under --use_fast_math for |x| up to about 88.
+__device__ __forceinline__ float exp_accurate(float x) {
+  const float t = x * kLog2e;
+  return exp2f(t) * (1.0f + fmaf(x, kLog2e, -t) * kLn2);
+}
+
 struct PolicyLoss {
   const float* logprobs;
   const float* old_logprobs;
@@ -48,8 +59,7 @@ struct PolicyLoss {
   __device__ __forceinline__ Token operator()(int64_t i) const {
     const float d = logprobs[i] - old_logprobs[i];
     const float neg_kl = clamp_nan(d, -kNegKlBound, kNegKlBound);
-    const float t = neg_kl * kLog2e;
-    const float ratio = exp2f(t) * (1.0f + fmaf(neg_kl, kLog2e, -t) * kLn2);
+    const float ratio = exp_accurate(neg_kl);
     const float a = advantages[i];
     const float l1 = -a * ratio;
     const float l2 = -a * clamp_nan(ratio, lo, hi);
@@ -169,6 +179,68 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Loss loss, const flo
   }
 }
 
+// exp_accurate's argument bound (its residual is NaN at +-inf); exp(-110)
+// rounds to 0 and exp(110) to inf in float32 anyway.
+constexpr float kExpBound = 110.0f;
+
+// Pairs: z = chosen - rejected - margin of pair i.
+struct Pairs {
+  const float* chosen;
+  const float* rejected;
+  const float* margin;
+
+  __device__ __forceinline__ float z(int64_t i) const { return chosen[i] - rejected[i] - margin[i]; }
+};
+
+__global__ void __launch_bounds__(kThreads) pairwise_tiles_kernel(Pairs p, int64_t N, float* __restrict__ partials) {
+  __shared__ float s[2][kThreads];
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * RLHF_PAIRWISE_TILE;
+  const int64_t hi = lo + RLHF_PAIRWISE_TILE < N ? lo + RLHF_PAIRWISE_TILE : N;
+  float loss = 0.0f, correct = 0.0f;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const float z = p.z(i);
+    // softplus(-z) = max(-z, 0) + log1p(exp(-|z|)) (the comparison keeps NaN)
+    loss += (z > 0.0f ? 0.0f : -z) + log1pf(exp_accurate(-fabsf(clamp_nan(z, -kExpBound, kExpBound))));
+    correct += p.chosen[i] > p.rejected[i] ? 1.0f : 0.0f;
+  }
+  s[0][threadIdx.x] = loss;
+  s[1][threadIdx.x] = correct;
+  block_tree_sum<float, 2>(s);
+  if (threadIdx.x < 2) partials[2 * static_cast<int64_t>(blockIdx.x) + threadIdx.x] = s[threadIdx.x][0];
+}
+
+__global__ void __launch_bounds__(kThreads) pairwise_finalize_kernel(const float* __restrict__ partials, int64_t tiles,
+                                                                     int64_t N, float* __restrict__ loss,
+                                                                     float* __restrict__ accuracy) {
+  __shared__ double s[2][kThreads];
+  double acc[2] = {0.0, 0.0};
+  for (int64_t k = threadIdx.x; k < tiles; k += kThreads) {
+    acc[0] += partials[2 * k];
+    acc[1] += partials[2 * k + 1];
+  }
+  s[0][threadIdx.x] = acc[0];
+  s[1][threadIdx.x] = acc[1];
+  block_tree_sum<double, 2>(s);
+  if (threadIdx.x == 0) {
+    const double n = N > 0 ? static_cast<double>(N) : 1.0;
+    *loss = static_cast<float>(s[0][0] / n);
+    *accuracy = static_cast<float>(s[1][0] / n);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) pairwise_backward_kernel(Pairs p, const float* __restrict__ grad_loss,
+                                                                     int64_t N, float* __restrict__ grad_chosen,
+                                                                     float* __restrict__ grad_rejected) {
+  const float w = __fdiv_rn(*grad_loss, static_cast<float>(N));
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += step) {
+    const float e = exp_accurate(clamp_nan(p.z(i), -kExpBound, kExpBound));
+    const float g = __fdiv_rn(-w, 1.0f + e);  // -sigmoid(-z) g / N
+    grad_chosen[i] = g;
+    grad_rejected[i] = -g;
+  }
+}
+
 int check_args(int64_t B, int64_t T, int agg) {
   const bool ok = B >= 0 && T >= 0 && B < (int64_t(1) << 31) && agg >= RLHF_TOKEN_MEAN &&
                   agg <= RLHF_SEQ_MEAN_TOKEN_MEAN;
@@ -232,6 +304,29 @@ int rlhf_ppo_value_loss_backward_cuda(const float* grad_loss, const float* value
                                       void* stream) {
   const ValueLoss f{values, old_values, returns, clip};
   return backward(f, grad_loss, mask, B, T, agg, partials, stats, grad, stream);
+}
+
+int rlhf_pairwise_reward_loss_forward_cuda(const float* chosen, const float* rejected, const float* margin,
+                                           int64_t N, float* partials, float* loss, float* accuracy, void* stream) {
+  const int64_t tiles = (N + RLHF_PAIRWISE_TILE - 1) / RLHF_PAIRWISE_TILE;
+  if (N < 0 || tiles >= (int64_t(1) << 31)) return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const Pairs p{chosen, rejected, margin};
+  if (tiles > 0) pairwise_tiles_kernel<<<static_cast<unsigned>(tiles), kThreads, 0, s>>>(p, N, partials);
+  pairwise_finalize_kernel<<<1, kThreads, 0, s>>>(partials, tiles, N, loss, accuracy);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int rlhf_pairwise_reward_loss_backward_cuda(const float* grad_loss, const float* chosen, const float* rejected,
+                                            const float* margin, int64_t N, float* grad_chosen,
+                                            float* grad_rejected, void* stream) {
+  if (N < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (N == 0) return 0;
+  const int64_t blocks = (N + kThreads - 1) / kThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 * 8 ? blocks : 65536 * 8);
+  pairwise_backward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      Pairs{chosen, rejected, margin}, grad_loss, N, grad_chosen, grad_rejected);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // extern "C"

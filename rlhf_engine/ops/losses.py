@@ -8,10 +8,13 @@ Layout of this module, top to bottom:
    ``forward(kind, x, old, target, mask [B, T], normalizer [] or None,
    params, agg) -> (loss [], stats [4], partials [B, 5])`` and
    ``backward(kind, grad_loss [], x, old, target, mask, params, agg,
-   partials, stats) -> grad [B, T]``,
+   partials, stats) -> grad [B, T]``; and for the pairwise loss
+   ``forward(chosen, rejected, margin [N]) -> (loss [], accuracy [])`` and
+   ``backward(grad_loss [], chosen, rejected, margin) -> (grad_chosen [N],
+   grad_rejected [N])``,
 3. the custom ops ``torch.ops.rlhf_engine.ppo_policy_loss``,
-   ``ppo_value_loss`` (and their ``*_backward``) and
-   ``pairwise_reward_loss``, with fake kernels and autograd,
+   ``ppo_value_loss`` and ``pairwise_reward_loss`` (and their
+   ``*_backward``), with fake kernels and autograd,
 4. the public functions (validation, backend choice).
 
 The per-token math, the ``partials`` and ``stats`` layouts and the
@@ -50,6 +53,7 @@ NaN: a NaN in a valid (mask 1) token of any input gives a NaN loss and NaN
 gradient there (``debug_checks(True)`` turns it into a ValueError); masked
 tokens are never used, NaN or not.
 """
+import functools
 import math
 import numbers
 from typing import Optional
@@ -65,6 +69,7 @@ PAIRWISE_OP = "pairwise_reward_loss"
 KINDS = {"policy": POLICY_OP, "value": VALUE_OP}
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")  # codes 0, 1, 2 in the kernels
 N_PARTIALS, N_STATS = 5, 4
+PAIRWISE_TILE = 4096  # RLHF_PAIRWISE_TILE: pairs per partial sum of the C kernels
 STAT_NAMES = ("clipfrac", "approx_kl", "clipfrac_lower")
 _INPUT_NAMES = {"policy": ("logprobs", "old_logprobs", "advantages"), "value": ("values", "old_values", "returns")}
 NEG_KL_BOUND = 20.0
@@ -155,8 +160,27 @@ def _torch_backward(kind, grad_loss, x, old, target, mask, params, agg, partials
     return torch.where(mask, w[:, None] * dl, 0.0)
 
 
+@registry.register(PAIRWISE_OP, "torch")
+def _torch_pairwise(chosen, rejected, margin):
+    """(loss [], accuracy []) with z = chosen - rejected - margin."""
+    z = chosen - rejected - margin
+    n = max(z.numel(), 1)
+    loss = torch.nn.functional.softplus(-z).sum() / n  # -logsigmoid(z), stable
+    accuracy = (chosen > rejected).sum().to(z.dtype) / n
+    return loss, accuracy
+
+
+@registry.register(_backward_op_name(PAIRWISE_OP), "torch")
+def _torch_pairwise_backward(grad_loss, chosen, rejected, margin):
+    """(grad_chosen, grad_rejected) [N]: -+sigmoid(-z) grad_loss / N."""
+    z = chosen - rejected - margin
+    d_chosen = -torch.sigmoid(-z) * (grad_loss / max(z.numel(), 1))
+    return d_chosen, -d_chosen
+
+
 # 2. kernel adapters ------------------------------------------------------------------
-# The C entry points (losses.h): rlhf_ppo_<kind>_loss_{forward,backward}_{cpu,cuda}.
+# The C entry points (losses.h): rlhf_ppo_<kind>_loss_{forward,backward}_{cpu,cuda}
+# and rlhf_pairwise_reward_loss_{forward,backward}_{cpu,cuda}.
 
 def _c_forward_types(kind, cuda):
     floats = 3 if kind == "policy" else 1
@@ -198,40 +222,65 @@ def _c_backward(library, suffix, kind, grad_loss, x, old, target, mask, params, 
     return grad
 
 
-def _cpu_forward(*args):
-    return _c_forward(_native.CPU_KERNELS, "cpu", *args)
+def _c_pairwise_forward(library, suffix, chosen, rejected, margin):
+    n = chosen.numel()
+    loss = chosen.new_empty(())
+    accuracy = chosen.new_empty(())
+    partials = chosen.new_empty(-(-n // PAIRWISE_TILE), 2)  # the tiles' workspace
+    cuda = suffix == "cuda"
+    name = f"rlhf_pairwise_reward_loss_forward_{suffix}"
+    extra = (_native.stream(chosen.device),) if cuda else ()
+    types = [_native.VOIDP] * 3 + [_native.I64] + [_native.VOIDP] * (3 + cuda)
+    code = _native.kernel(library, name, types)(
+        chosen.data_ptr(), rejected.data_ptr(), margin.data_ptr(), n, partials.data_ptr(), loss.data_ptr(),
+        accuracy.data_ptr(), *extra)
+    _native.check_status(code, name)
+    return loss, accuracy
 
 
-def _cpu_backward(*args):
-    return _c_backward(_native.CPU_KERNELS, "cpu", *args)
+def _c_pairwise_backward(library, suffix, grad_loss, chosen, rejected, margin):
+    grad_chosen = torch.empty_like(chosen)
+    grad_rejected = torch.empty_like(chosen)
+    cuda = suffix == "cuda"
+    name = f"rlhf_pairwise_reward_loss_backward_{suffix}"
+    extra = (_native.stream(chosen.device),) if cuda else ()
+    types = [_native.VOIDP] * 4 + [_native.I64] + [_native.VOIDP] * (2 + cuda)
+    code = _native.kernel(library, name, types)(
+        grad_loss.data_ptr(), chosen.data_ptr(), rejected.data_ptr(), margin.data_ptr(), chosen.numel(),
+        grad_chosen.data_ptr(), grad_rejected.data_ptr(), *extra)
+    _native.check_status(code, name)
+    return grad_chosen, grad_rejected
 
 
-def _cuda_forward(*args):
-    return _c_forward(_native.CUDA_KERNELS, "cuda", *args)
+def _triton_adapter(name):
+    """The adapter running ``name`` of kernels/losses.py (imported on first use)."""
+    def run(*args):
+        from rlhf_engine.kernels import losses as kernels
+
+        return getattr(kernels, name)(*args)
+
+    return run
 
 
-def _cuda_backward(*args):
-    return _c_backward(_native.CUDA_KERNELS, "cuda", *args)
+def _adapters(backend):
+    """{op: implementation} on the kernel ``backend`` for every op of this module."""
+    if backend == "triton":
+        impls = map(_triton_adapter, ("ppo_loss_forward", "ppo_loss_backward", "pairwise_loss_forward",
+                                      "pairwise_loss_backward"))
+    else:
+        library = _native.CPU_KERNELS if backend == "cpu" else _native.CUDA_KERNELS
+        impls = (functools.partial(fn, library, backend)
+                 for fn in (_c_forward, _c_backward, _c_pairwise_forward, _c_pairwise_backward))
+    forward, backward, pairwise_forward, pairwise_backward = impls
+    adapters = {PAIRWISE_OP: pairwise_forward, _backward_op_name(PAIRWISE_OP): pairwise_backward}
+    for op in KINDS.values():
+        adapters[op], adapters[_backward_op_name(op)] = forward, backward
+    return adapters
 
 
-def _triton_forward(*args):
-    from rlhf_engine.kernels import losses as kernels
-
-    return kernels.ppo_loss_forward(*args)
-
-
-def _triton_backward(*args):
-    from rlhf_engine.kernels import losses as kernels
-
-    return kernels.ppo_loss_backward(*args)
-
-
-for _backend, _fwd, _bwd, _requires in (("cpu", _cpu_forward, _cpu_backward, _native.CPU_KERNELS_ERROR),
-                                        ("triton", _triton_forward, _triton_backward, None),
-                                        ("cuda", _cuda_forward, _cuda_backward, _native.CUDA_ERROR)):
-    for _op in KINDS.values():
-        registry.register(_op, _backend, requires=_requires)(_fwd)
-        registry.register(_backward_op_name(_op), _backend, requires=_requires)(_bwd)
+for _backend, _requires in (("cpu", _native.CPU_KERNELS_ERROR), ("triton", None), ("cuda", _native.CUDA_ERROR)):
+    for _op, _impl in _adapters(_backend).items():
+        registry.register(_op, _backend, requires=_requires)(_impl)
 
 
 # 3. custom ops -------------------------------------------------------------------------
@@ -336,23 +385,27 @@ ppo_policy_loss_op.register_autograd(_policy_backward, setup_context=_setup_cont
 ppo_value_loss_op.register_autograd(_value_backward, setup_context=_setup_context)
 
 
-@registry.register(PAIRWISE_OP, "torch")
-def _torch_pairwise(chosen, rejected, margin):
-    """(loss [], accuracy []) with z = chosen - rejected - margin."""
-    z = chosen - rejected - margin
-    n = max(z.numel(), 1)
-    loss = torch.nn.functional.softplus(-z).sum() / n  # -logsigmoid(z), stable
-    accuracy = (chosen > rejected).sum().to(z.dtype) / n
-    return loss, accuracy
-
-
 @torch.library.custom_op("rlhf_engine::pairwise_reward_loss", mutates_args=())
 def pairwise_reward_loss_op(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor,
                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [], accuracy []) of same-shaped scores; ``margin`` broadcasts."""
+    """(loss [], accuracy []) of same-shaped scores and margin."""
     checks.finite("chosen", chosen)
     checks.finite("rejected", rejected)
-    return registry.get(PAIRWISE_OP, backend)(chosen, rejected, margin)
+    return registry.get(PAIRWISE_OP, backend)(*_flat(chosen, rejected, margin))
+
+
+@torch.library.custom_op("rlhf_engine::pairwise_reward_loss_backward", mutates_args=())
+def pairwise_reward_loss_backward_op(grad_loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
+                                     margin: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. ``chosen`` and ``rejected`` (their shape)."""
+    backward = registry.get(_backward_op_name(PAIRWISE_OP), backend)
+    grads = backward(grad_loss.to(chosen.dtype).reshape(()).contiguous(), *_flat(chosen, rejected, margin))
+    return tuple(g.reshape(chosen.shape) for g in grads)
+
+
+def _flat(*tensors):
+    """Contiguous [N] views (or copies) of same-shaped tensors."""
+    return tuple(t.reshape(-1).contiguous() for t in tensors)
 
 
 @pairwise_reward_loss_op.register_fake
@@ -360,16 +413,21 @@ def _(chosen, rejected, margin, backend):
     return chosen.new_empty(()), chosen.new_empty(())
 
 
+@pairwise_reward_loss_backward_op.register_fake
+def _(grad_loss, chosen, rejected, margin, backend):
+    return (torch.empty_like(chosen, memory_format=torch.contiguous_format),
+            torch.empty_like(chosen, memory_format=torch.contiguous_format))
+
+
 def _pairwise_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(*inputs[:3])
+    ctx.backend = inputs[3]
 
 
 def _pairwise_backward(ctx, grad_loss, _grad_accuracy):
-    chosen, rejected, margin = ctx.saved_tensors
-    z = chosen - rejected - margin
-    d_chosen = -torch.sigmoid(-z) * (grad_loss / max(z.numel(), 1))
-    return d_chosen, -d_chosen, None, None
+    grad_chosen, grad_rejected = pairwise_reward_loss_backward_op(grad_loss, *ctx.saved_tensors, ctx.backend)
+    return grad_chosen, grad_rejected, None, None
 
 
 pairwise_reward_loss_op.register_autograd(_pairwise_backward, setup_context=_pairwise_setup)
@@ -502,11 +560,13 @@ def pairwise_reward_loss(chosen, rejected, *, margin=None, backend="auto"):
     Args:
         chosen, rejected: same-shaped floating scores (usually ``[N]``).
         margin: None (0), a number, or a tensor broadcastable to their shape.
-        backend: "auto" or "torch" (the op is a few element-wise flops).
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
 
     Returns:
-        ``(loss, {"accuracy": mean(chosen > rejected)})``, 0-d; both 0.0 for
-        empty inputs. Differentiable w.r.t. ``chosen`` and ``rejected``.
+        ``(loss, {"accuracy": mean(chosen > rejected)})``, 0-d float32
+        (float64 on the torch backend with float64 scores), on the inputs'
+        device; both 0.0 for empty inputs. Differentiable w.r.t. ``chosen``
+        and ``rejected``. Sums run in a fixed order (bit-identical results).
         NaN scores give a NaN loss (ValueError under ``debug_checks(True)``).
     """
     checks.tensor("chosen", chosen, kind="float")

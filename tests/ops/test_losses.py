@@ -11,6 +11,7 @@ from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_los
 from tests.helpers import assert_close, cpu_backends, gpu_backends, poisoned_outputs
 
 BACKENDS = cpu_backends("ppo_policy_loss")
+PAIRWISE_BACKENDS = cpu_backends("pairwise_reward_loss")
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 # [B, T] sizes the Triton interpreter gets through quickly: odd T, B = 1, T = 1.
 SHAPES = [(5, 37), (1, 1), (3, 300)]
@@ -188,11 +189,13 @@ def test_value_golden(backend):
     torch.testing.assert_close(v.grad, torch.tensor([[0.0, 0.25, -0.25, 0.0]]), rtol=1e-6, atol=1e-7)
 
 
-def test_pairwise_golden():
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_golden(backend):
     chosen = torch.tensor([2.0, 0.0], requires_grad=True)
     rejected = torch.tensor([0.0, 1.0], requires_grad=True)
-    loss, stats = pairwise_reward_loss(chosen, rejected)
-    loss.backward()
+    with poisoned_outputs():
+        loss, stats = pairwise_reward_loss(chosen, rejected, backend=backend)
+        loss.backward()
     softplus = [math.log1p(math.exp(-2.0)), math.log1p(math.exp(1.0))]
     assert loss.item() == pytest.approx(sum(softplus) / 2, rel=1e-6)
     assert stats["accuracy"].item() == 0.5
@@ -229,18 +232,52 @@ def test_value_matches_float64(backend, agg, b, t, gen):
     check_against_reference(out, ref, x, x_ref)
 
 
-def test_pairwise_matches_float64(gen):
-    chosen, rejected = torch.randn(2, 33, generator=gen) * 30
-    margin = torch.rand(33, generator=gen)
+def check_pairwise_against_float64(chosen, rejected, margin, backend, device="cpu"):
+    """float32 loss, accuracy and gradients of ``backend`` within TOL of float64."""
     c_ref, r_ref = chosen.double().requires_grad_(), rejected.double().requires_grad_()
     loss_ref = -torch.nn.functional.logsigmoid(c_ref - r_ref - margin.double()).mean()
-    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
-    loss, stats = pairwise_reward_loss(c, r, margin=margin)
-    assert_close(loss.detach(), loss_ref.detach(), TOL, "loss")
-    assert stats["accuracy"].item() == pytest.approx((chosen > rejected).double().mean().item())
-    grads_ref = torch.autograd.grad(loss_ref, (c_ref, r_ref))
-    for grad, ref in zip(torch.autograd.grad(loss, (c, r)), grads_ref):
-        assert_close(grad, ref, TOL, "grad")
+    c, r = chosen.to(device).requires_grad_(), rejected.to(device).requires_grad_()
+    g = torch.randn((), dtype=torch.float64).item()
+    with poisoned_outputs():
+        loss, stats = pairwise_reward_loss(c, r, margin=margin.to(device), backend=backend)
+        grads = torch.autograd.grad(loss * g, (c, r))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss.detach().cpu(), loss_ref.detach(), TOL, "loss")
+    assert stats["accuracy"].item() == pytest.approx((chosen > rejected).double().mean().item(), rel=1e-6)
+    grads_ref = torch.autograd.grad(loss_ref * g, (c_ref, r_ref))
+    for grad, ref, name in zip(grads, grads_ref, ("grad_chosen", "grad_rejected")):
+        assert_close(grad.cpu(), ref, TOL, name)
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+@pytest.mark.parametrize("shape,margin_shape,scale", [((33,), (33,), 30), ((1,), (), 3), ((3, 1500), (1500,), 30)],
+                         ids=["N33", "N1-scalar-margin", "3x1500-broadcast-margin"])
+def test_pairwise_matches_float64(backend, shape, margin_shape, scale, gen):
+    """Scores of scale 30 (|z| up to ~100: both softplus tails; 3 for one pair,
+    whose loss must stay a normal float32), several tiles of the C kernels
+    (4500 pairs), a margin broadcast from fewer dims."""
+    chosen, rejected = torch.randn(2, *shape, generator=gen) * scale
+    margin = torch.rand(margin_shape, generator=gen)
+    check_pairwise_against_float64(chosen, rejected, margin, backend)
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_far_tail_and_ties(backend):
+    """z = +-100, +-30 and 0 (a tie: not counted as correct)."""
+    chosen = torch.tensor([100.0, -100.0, 30.0, -30.0, 0.5])
+    rejected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5])
+    check_pairwise_against_float64(chosen, rejected, torch.zeros(5), backend)
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_deterministic(backend, gen):
+    chosen, rejected = torch.randn(2, 9000, generator=gen)
+    runs = []
+    for _ in range(2):
+        c = chosen.clone().requires_grad_()
+        loss, stats = pairwise_reward_loss(c, rejected, margin=0.5, backend=backend)
+        runs.append((loss, stats["accuracy"], torch.autograd.grad(loss, c)[0]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # Micro-batches ------------------------------------------------------------------------------
@@ -302,8 +339,33 @@ def test_empty_batch(backend, shape):
         assert loss.item() == 0.0 and x.grad.shape == shape
         assert all(v.item() == 0.0 for v in stats.values())
         x.grad = None
-    loss, stats = pairwise_reward_loss(torch.zeros(0), torch.zeros(0))
-    assert loss.item() == 0.0 and stats["accuracy"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_empty(backend):
+    chosen = torch.zeros(0, requires_grad=True)
+    with poisoned_outputs():
+        loss, stats = pairwise_reward_loss(chosen, torch.zeros(0), margin=torch.zeros(0), backend=backend)
+        loss.backward()
+    assert loss.item() == 0.0 and stats["accuracy"].item() == 0.0 and chosen.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_nan_gives_nan_and_raises_under_debug_checks(backend):
+    chosen = torch.tensor([1.0, float("nan"), 0.0], requires_grad=True)
+    rejected = torch.zeros(3)
+    loss, stats = pairwise_reward_loss(chosen, rejected, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and stats["accuracy"].item() == pytest.approx(1 / 3)
+    assert torch.isnan(chosen.grad[1]) and torch.isfinite(chosen.grad[[0, 2]]).all()
+    rlhf_engine.ops.debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match="chosen contains NaN"):
+            pairwise_reward_loss(chosen, rejected, backend=backend)
+        with pytest.raises(ValueError, match="rejected contains NaN"):
+            pairwise_reward_loss(rejected, chosen.detach(), backend=backend)
+    finally:
+        rlhf_engine.ops.debug_checks(False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -444,12 +506,15 @@ def test_value_bad_input_raises_value_error(kwargs, match):
     (dict(rejected=torch.zeros(4)), "rejected must have shape"),
     (dict(margin="x"), "margin must be None, a finite number or a tensor"),
     (dict(margin=torch.zeros(2)), "margin of shape"),
+    (dict(margin=float("inf")), "margin must be None, a finite number or a tensor"),
+    (dict(rejected=torch.zeros(3, device="meta")), "tensors must be on one device"),
 ])
-def test_pairwise_bad_input_raises_value_error(kwargs, match):
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+def test_pairwise_bad_input_raises_value_error(kwargs, match, backend):
     args = dict(chosen=torch.zeros(3), rejected=torch.zeros(3))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        pairwise_reward_loss(args.pop("chosen"), args.pop("rejected"), **args)
+        pairwise_reward_loss(args.pop("chosen"), args.pop("rejected"), backend=backend, **args)
 
 
 def test_unavailable_backend_names_itself_and_auto_picks_cpu():
@@ -472,9 +537,11 @@ def test_opcheck(backend, gen):
     norm = torch.tensor(20.0)
     torch.library.opcheck(losses_mod.ppo_policy_loss_op, (x, old, adv, mask, None, 0.2, 0.3, 3.0, 2, backend))
     torch.library.opcheck(losses_mod.ppo_value_loss_op, (x, old, adv, mask, norm, 0.2, 0, backend))
-    if backend == "torch":
-        chosen = torch.randn(5, generator=gen, requires_grad=True)
-        torch.library.opcheck(losses_mod.pairwise_reward_loss_op, (chosen, torch.randn(5), torch.zeros(5), "torch"))
+    chosen = torch.randn(2, 5, generator=gen, requires_grad=True)
+    rejected, margin = torch.randn(2, 2, 5, generator=gen)
+    torch.library.opcheck(losses_mod.pairwise_reward_loss_op, (chosen, rejected, margin, backend))
+    torch.library.opcheck(losses_mod.pairwise_reward_loss_backward_op,
+                          (torch.tensor(0.5), chosen.detach(), rejected, margin, backend))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])
@@ -485,7 +552,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
     def step(x):
         policy, stats = ppo_policy_loss(x, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean", backend=backend)
         value, _ = ppo_value_loss(x, old, adv, mask, normalizer=mask.sum(), backend=backend)
-        reward, _ = pairwise_reward_loss(chosen, rejected * x[0, :6])
+        reward, _ = pairwise_reward_loss(chosen, rejected * x[0, :6], margin=0.25, backend=backend)
         return policy + 0.5 * value + reward, stats["clipfrac"]
 
     x = logprobs.clone().requires_grad_()
@@ -522,6 +589,23 @@ def test_gpu_matches_float64(backend, agg):
     vloss.backward()
     assert_scalar_close(vloss.detach().cpu(), vloss_ref.detach(), 0, TOL, "value loss")
     assert_close(v.grad.cpu(), torch.autograd.grad(vloss_ref, v_ref)[0], TOL, "value grad")
+
+
+@pytest.mark.parametrize("backend", gpu_backends("pairwise_reward_loss"))
+def test_gpu_pairwise_matches_float64_and_is_bit_identical(backend):
+    gen = torch.Generator().manual_seed(2)
+    name = backend.removeprefix("gpu-")
+    chosen, rejected = torch.randn(2, 100_003, generator=gen) * 30  # many tiles, a partial last one
+    margin = torch.rand(100_003, generator=gen)
+    check_pairwise_against_float64(chosen, rejected, margin, name, device="cuda")
+    c = chosen.cuda().requires_grad_()
+    runs = []
+    for _ in range(2):
+        loss, stats = pairwise_reward_loss(c, rejected.cuda(), margin=margin.cuda(), backend=name)
+        runs.append((loss, stats["accuracy"], *torch.autograd.grad(loss, c)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    empty, _ = pairwise_reward_loss(torch.zeros(0, device="cuda"), torch.zeros(0, device="cuda"), backend=name)
+    assert empty.item() == 0.0
 
 
 @pytest.mark.parametrize("backend", gpu_backends("ppo_policy_loss"))

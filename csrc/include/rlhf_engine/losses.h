@@ -1,4 +1,5 @@
-// Plain C entry points of the PPO loss kernels (no torch headers).
+// Plain C entry points of the PPO loss and pairwise reward-loss kernels (no
+// torch headers).
 //
 // The same contract holds for the CPU (`_cpu`) and CUDA (`_cuda`) builds. All
 // [B, T] arrays are contiguous float32 (mask: uint8 holding 0/1); sizes int64.
@@ -36,6 +37,18 @@
 // nothing is read on the host). It recomputes dl from the inputs, reading
 // `partials` and `stats` of the forward.
 //
+// Pairwise reward loss, on N contiguous float32 scores `chosen`, `rejected`
+// and `margin` (the margin already expanded to [N]): with
+// z = chosen - rejected - margin,
+//   loss [] float32 = sum softplus(-z) / N  (= mean -logsigmoid(z), formed as
+//     max(-z, 0) + log1p(exp(-|z|)); NaN propagates),
+//   accuracy [] float32 = (number of chosen > rejected) / N, both 0 when N = 0.
+// Sums run in a fixed order: per tile of RLHF_PAIRWISE_TILE pairs into
+// `partials` [ceil(N / RLHF_PAIRWISE_TILE), 2] (sum softplus(-z), number
+// correct; a workspace the caller allocates), then over tiles in float64.
+// The backward writes, in one pass, grad_chosen [N] = -sigmoid(-z) g / N and
+// grad_rejected [N] = -grad_chosen, with g = *grad_loss (a device pointer).
+//
 // Every function returns 0 on success, or a nonzero error code (for CUDA the
 // cudaError_t of the launches). CUDA pointers are device pointers; `stream`
 // is a cudaStream_t (NULL for the legacy default stream).
@@ -50,6 +63,7 @@ extern "C" {
 
 enum rlhf_loss_agg { RLHF_TOKEN_MEAN = 0, RLHF_SEQ_MEAN_TOKEN_SUM = 1, RLHF_SEQ_MEAN_TOKEN_MEAN = 2 };
 enum { RLHF_LOSS_PARTIALS = 5, RLHF_LOSS_STATS = 4 };
+enum { RLHF_PAIRWISE_TILE = 4096 };
 
 int rlhf_ppo_policy_loss_forward_cpu(
     const float* logprobs, const float* old_logprobs, const float* advantages,
@@ -73,6 +87,14 @@ int rlhf_ppo_value_loss_backward_cpu(
     const float* returns, const uint8_t* mask, int64_t B, int64_t T, float clip,
     int agg, const float* partials, const float* stats, float* grad);
 
+int rlhf_pairwise_reward_loss_forward_cpu(
+    const float* chosen, const float* rejected, const float* margin, int64_t N,
+    float* partials, float* loss, float* accuracy);
+
+int rlhf_pairwise_reward_loss_backward_cpu(
+    const float* grad_loss, const float* chosen, const float* rejected,
+    const float* margin, int64_t N, float* grad_chosen, float* grad_rejected);
+
 int rlhf_ppo_policy_loss_forward_cuda(
     const float* logprobs, const float* old_logprobs, const float* advantages,
     const uint8_t* mask, int64_t B, int64_t T, float clip_low, float clip_high,
@@ -95,6 +117,15 @@ int rlhf_ppo_value_loss_backward_cuda(
     const float* grad_loss, const float* values, const float* old_values,
     const float* returns, const uint8_t* mask, int64_t B, int64_t T, float clip,
     int agg, const float* partials, const float* stats, float* grad,
+    void* stream);
+
+int rlhf_pairwise_reward_loss_forward_cuda(
+    const float* chosen, const float* rejected, const float* margin, int64_t N,
+    float* partials, float* loss, float* accuracy, void* stream);
+
+int rlhf_pairwise_reward_loss_backward_cuda(
+    const float* grad_loss, const float* chosen, const float* rejected,
+    const float* margin, int64_t N, float* grad_chosen, float* grad_rejected,
     void* stream);
 
 #ifdef __cplusplus
