@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhf_engine import profiling
@@ -135,6 +136,32 @@ def time_limit(seconds, what):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
+_COMPILE_FAILURES = []  # the first compile failure or timeout skips the later compiled runs
+
+
+def skip_if_compile_failed():
+    """pytest.skip a compiled candidate once an earlier compile failed."""
+    if _COMPILE_FAILURES:
+        pytest.skip(f"torch.compile skipped after: {_COMPILE_FAILURES[0]}")
+
+
+def warm_compiled(call, dev, collector, *, op, case, candidate, mode, extra):
+    """Run the first (compiling) call of a torch.compile candidate under a time
+    limit, outside the timing; its duration goes to ``extra["compile_s"]``. A
+    failure or timeout is recorded and skips this and later compiled runs."""
+    try:
+        with time_limit(COMPILE_TIMEOUT_S, f"torch.compile ({op}, {case}, {mode})"):
+            start = time.perf_counter()
+            call()
+            sync(dev)
+            extra["compile_s"] = time.perf_counter() - start
+    except Exception as exc:
+        _COMPILE_FAILURES.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+        collector.skip(op, case, candidate, mode, f"torch.compile failed: {_COMPILE_FAILURES[-1]}")
+        pytest.skip(f"torch.compile failed: {_COMPILE_FAILURES[-1]}")
 
 
 @dataclasses.dataclass

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_engine.kernels.common import on_device
+
 __all__ = ["gae", "masked_whiten", "group_advantages"]
 
 MAX_BLOCK_T = 1024
@@ -166,19 +168,6 @@ def _group_kernel(s_ptr, out_ptr, n_groups, group_size, eps, NORMALIZE_STD: tl.c
         tl.store(out_ptr + offs, y.to(tl.float32), mask=inside)
 
 
-class _on_device:
-    """Makes the tensors' CUDA device current for the launch (no-op elsewhere)."""
-
-    def __init__(self, device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def gae(rewards, values, mask, gamma: float, lam: float, block_t: int = None):
@@ -190,7 +179,7 @@ def gae(rewards, values, mask, gamma: float, lam: float, block_t: int = None):
     if B == 0 or T == 0:
         return adv.zero_(), ret.zero_()
     block = block_t or min(MAX_BLOCK_T, triton.next_power_of_2(T))
-    with _on_device(rewards.device):
+    with on_device(rewards.device):
         _gae_kernel[(B,)](rewards, values, mask, adv, ret, T, gamma, gamma * lam, BLOCK_T=block,
                           num_warps=max(1, min(8, block // 128)))
     return adv, ret
@@ -206,7 +195,7 @@ def masked_whiten(x, mask, shift_mean: bool, eps: float):
     stats = torch.empty(2, dtype=torch.float64, device=x.device)  # (mean, 1 / sqrt(var + eps))
     block_c = min(1024, triton.next_power_of_2(C))
     block_r = min(1024, triton.next_power_of_2(R))
-    with _on_device(x.device):
+    with on_device(x.device):
         for centered in (False, True):
             _row_moments_kernel[(R,)](x, mask, stats, part, C, CENTERED=centered, BLOCK=block_c)
             _whiten_stats_kernel[(1,)](part, stats, R, eps, CENTERED=centered, BLOCK=block_r)
@@ -224,7 +213,7 @@ def group_advantages(scores, group_size: int, normalize_std: bool, eps: float):
         return out
     block_s = min(1024, triton.next_power_of_2(group_size))
     block_g = max(1, min(64, 4096 // block_s))
-    with _on_device(scores.device):
+    with on_device(scores.device):
         _group_kernel[(triton.cdiv(n_groups, block_g),)](scores, out, n_groups, group_size, eps,
                                                          NORMALIZE_STD=bool(normalize_std), BLOCK_G=block_g,
                                                          BLOCK_S=block_s)

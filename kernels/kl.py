@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_engine.kernels.common import on_device
+
 __all__ = ["kl_penalty_forward", "kl_penalty_backward", "kl_shaped_rewards"]
 
 _BLOCK = 1024  # elements per program (element-wise kernels)
@@ -130,19 +132,6 @@ def _kl_shaped_kernel(scores_ptr, lp_ptr, ref_ptr, mask_ptr, rewards_ptr, last_p
     tl.store(last_ptr + row, last.to(tl.int64))
 
 
-class _on_device:
-    """Makes the tensors' CUDA device current for the launch (no-op elsewhere)."""
-
-    def __init__(self, device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def kl_penalty_forward(lp, ref, estimator: int):
@@ -150,7 +139,7 @@ def kl_penalty_forward(lp, ref, estimator: int):
     out = torch.empty_like(lp)
     n = lp.numel()
     if n:
-        with _on_device(lp.device):
+        with on_device(lp.device):
             _kl_forward_kernel[(triton.cdiv(n, _BLOCK),)](lp, ref, out, n, ESTIMATOR=estimator, BLOCK=_BLOCK)
     return out
 
@@ -160,7 +149,7 @@ def kl_penalty_backward(grad, lp, ref, mask, scale: float, estimator: int):
     g_lp, g_ref = torch.empty_like(lp), torch.empty_like(lp)
     n = lp.numel()
     if n:
-        with _on_device(lp.device):
+        with on_device(lp.device):
             _kl_backward_kernel[(triton.cdiv(n, _BLOCK),)](
                 grad, lp, ref, lp if mask is None else mask, g_lp, g_ref, float(scale), n,
                 HAS_MASK=mask is not None, ESTIMATOR=estimator, BLOCK=_BLOCK)
@@ -175,7 +164,7 @@ def kl_shaped_rewards(scores, lp, ref, mask, kl_coef: float, estimator: int):
     last = torch.empty(n_rows, dtype=torch.int64, device=lp.device)
     if n_rows:
         block_t = max(16, min(triton.next_power_of_2(max(n_cols, 1)), _MAX_BLOCK_T))
-        with _on_device(lp.device):
+        with on_device(lp.device):
             _kl_shaped_kernel[(n_rows,)](scores, lp, ref, mask, rewards, last, float(kl_coef), n_cols,
                                          ESTIMATOR=estimator, BLOCK_T=block_t)
     return rewards, last

@@ -57,25 +57,17 @@ float64 (where a float32 product is exact); and its float32 -> bfloat16 cast
 truncates, so bfloat16 gradients are rounded to nearest even with integer ops.
 """
 
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from rlhf_engine.kernels.common import INTERPRET, fma, on_device
+
 __all__ = ["token_logprobs_forward", "token_logprobs_backward"]
 
 _LOG2E = 1.4426950408889634  # log2(e)
-
-
-@triton.jit
-def _fma(a, b, c, INTERPRET: tl.constexpr):
-    """a * b + c with one rounding (float32)."""
-    if INTERPRET:
-        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
-    else:
-        return tl.fma(a, b, c)
 
 
 @triton.jit
@@ -178,7 +170,7 @@ def _token_logprobs_fwd_kernel(
     log2_sum = tl.log2(k) + _log2_1p(s_rest / k)  # log2 sum 2^u, >= 0
     m = tl.where(valid, m, 0.0)
     m2 = m * c
-    l2 = _fma(m, c, -m2, INTERPRET) + log2_sum
+    l2 = fma(m, c, -m2, INTERPRET) + log2_sum
     y_safe = tl.where(valid, label, 0)
     l_y = tl.load(row_ptr + y_safe, mask=valid, other=0.0).to(tl.float32)
     logp = ((l_y - m) * c - log2_sum) * LN2
@@ -223,7 +215,7 @@ def _token_logprobs_bwd_kernel(
     # writes anything, so grad_logits may alias the logits.
     y_col = tl.where(valid, label, -1)
     l_y = tl.load(in_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
-    log2_p_y = _fma(l_y, c, neg_m2, INTERPRET) - l2
+    log2_p_y = fma(l_y, c, neg_m2, INTERPRET) - l2
     one_minus_p_y = -_expm1(log2_p_y * LN2)
 
     cols = tl.arange(0, BLOCK_V)
@@ -233,7 +225,7 @@ def _token_logprobs_bwd_kernel(
         l = tl.load(in_row + offs, mask=in_bounds & valid, other=0.0).to(tl.float32)
         # The clamp keeps p = 0 at a -inf logit out of 0 * -inf below.
         l = tl.maximum(l, -1e30, propagate_nan=tl.PropagateNan.ALL)
-        log2_p = _fma(l, c, neg_m2, INTERPRET) - l2
+        log2_p = fma(l, c, neg_m2, INTERPRET) - l2
         p = tl.exp2(log2_p)
         g = g_lp * tl.where(offs == y_col, one_minus_p_y, -p)  # onehot - p in float32
         if HAS_ENTROPY:
@@ -246,11 +238,6 @@ def _token_logprobs_bwd_kernel(
         tl.store(out_row + offs, g_out, mask=in_bounds)
 
 
-# Decided like @triton.jit decides it (at import).
-try:
-    _INTERPRET = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # older Triton without knobs
-    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LABEL_DTYPES = (torch.int32, torch.int64)
 
@@ -309,19 +296,6 @@ def _row_stride(logits):
     return logits.stride(0) if N > 1 else V
 
 
-class _on_device:
-    """Makes the tensors' CUDA device current for the launch (no-op elsewhere)."""
-
-    def __init__(self, device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, compute_entropy: bool):
@@ -339,11 +313,11 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     if N == 0:
         return logp, entropy, stats
     block_v, num_warps = _launch_config(V)
-    with _on_device(dev):
+    with on_device(dev):
         _token_logprobs_fwd_kernel[(N,)](
             logits, labels, logp, entropy if compute_entropy else logp, stats,
             V, _row_stride(logits), c, int(ignore_index),
-            HAS_ENTROPY=bool(compute_entropy), BLOCK_V=block_v, INTERPRET=_INTERPRET,
+            HAS_ENTROPY=bool(compute_entropy), BLOCK_V=block_v, INTERPRET=INTERPRET,
             num_warps=num_warps,
         )
     return logp, entropy, stats
@@ -385,11 +359,11 @@ def token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entr
     else:
         grad_entropy, entropy = grad_logp, grad_logp  # placeholders, never read
     block_v, num_warps = _launch_config(V)
-    with _on_device(dev):
+    with on_device(dev):
         _token_logprobs_bwd_kernel[(N,)](
             grad_logp, grad_logp.stride(0), grad_entropy, grad_entropy.stride(0),
             logits, labels, stats, entropy, grad_logits,
             V, _row_stride(logits), c, inv_t, int(ignore_index),
-            HAS_ENTROPY=has_entropy, BLOCK_V=block_v, INTERPRET=_INTERPRET, num_warps=num_warps,
+            HAS_ENTROPY=has_entropy, BLOCK_V=block_v, INTERPRET=INTERPRET, num_warps=num_warps,
         )
     return grad_logits

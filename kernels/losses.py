@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_engine.kernels.logprobs import _INTERPRET, _fma
+from rlhf_engine.kernels.common import INTERPRET, fma, on_device
 
 __all__ = ["ppo_loss_forward", "ppo_loss_backward", "pairwise_loss_forward", "pairwise_loss_backward"]
 
@@ -59,7 +59,7 @@ def _exp_accurate(x, INTERPRET: tl.constexpr):
     """exp(x) = exp2(t) * (1 + r ln 2), t = x log2(e) and r its exact residual."""
     log2e = tl.full([], _LOG2E, tl.float32)
     t = x * log2e
-    return tl.exp2(t) * (1.0 + _fma(x, log2e, -t, INTERPRET) * _LN2)
+    return tl.exp2(t) * (1.0 + fma(x, log2e, -t, INTERPRET) * _LN2)
 
 
 @triton.jit
@@ -218,12 +218,13 @@ def ppo_loss_forward(kind, x, old, target, mask, normalizer, params, agg):
     stats = x.new_empty(_N_STATS)
     partials = x.new_empty(b, _N_PARTIALS)
     block_t = _block(t, 2048)
-    if b > 0:
-        _forward_rows_kernel[(b,)](x, old, target, mask.view(torch.uint8), partials, t, *_params(params),
-                                   KIND=_KINDS[kind], BLOCK_T=block_t, INTERPRET=_INTERPRET,
-                                   num_warps=max(1, min(8, block_t // 256)))
-    _finalize_kernel[(1,)](partials, b, loss if normalizer is None else normalizer, loss, stats, AGG=agg,
-                           HAS_NORMALIZER=normalizer is not None, BLOCK_B=_block(b, 1024), num_warps=4)
+    with on_device(x.device):
+        if b > 0:
+            _forward_rows_kernel[(b,)](x, old, target, mask.view(torch.uint8), partials, t, *_params(params),
+                                       KIND=_KINDS[kind], BLOCK_T=block_t, INTERPRET=INTERPRET,
+                                       num_warps=max(1, min(8, block_t // 256)))
+        _finalize_kernel[(1,)](partials, b, loss if normalizer is None else normalizer, loss, stats, AGG=agg,
+                               HAS_NORMALIZER=normalizer is not None, BLOCK_B=_block(b, 1024), num_warps=4)
     return loss, stats, partials
 
 
@@ -234,9 +235,10 @@ def ppo_loss_backward(kind, grad_loss, x, old, target, mask, params, agg, partia
     block_t = _block(t, 1024)
     if b > 0 and t > 0:
         grid = (b, triton.cdiv(t, block_t))
-        _backward_kernel[grid](grad_loss, x, old, target, mask.view(torch.uint8), partials, stats, grad, t,
-                               *_params(params), KIND=_KINDS[kind], AGG=agg, BLOCK_T=block_t, INTERPRET=_INTERPRET,
-                               num_warps=max(1, min(8, block_t // 256)))
+        with on_device(x.device):
+            _backward_kernel[grid](grad_loss, x, old, target, mask.view(torch.uint8), partials, stats, grad, t,
+                                   *_params(params), KIND=_KINDS[kind], AGG=agg, BLOCK_T=block_t,
+                                   INTERPRET=INTERPRET, num_warps=max(1, min(8, block_t // 256)))
     return grad
 
 
@@ -301,10 +303,12 @@ def pairwise_loss_forward(chosen, rejected, margin):
     accuracy = chosen.new_empty(())
     tiles = triton.cdiv(n, _PAIRWISE_BLOCK)
     partials = chosen.new_empty(tiles, 2)
-    if tiles > 0:
-        _pairwise_tiles_kernel[(tiles,)](chosen, rejected, margin, partials, n, BLOCK=_PAIRWISE_BLOCK,
-                                         INTERPRET=_INTERPRET, num_warps=4)
-    _pairwise_finalize_kernel[(1,)](partials, tiles, _count(n), loss, accuracy, BLOCK=_block(tiles, 1024), num_warps=4)
+    with on_device(chosen.device):
+        if tiles > 0:
+            _pairwise_tiles_kernel[(tiles,)](chosen, rejected, margin, partials, n, BLOCK=_PAIRWISE_BLOCK,
+                                             INTERPRET=INTERPRET, num_warps=4)
+        _pairwise_finalize_kernel[(1,)](partials, tiles, _count(n), loss, accuracy, BLOCK=_block(tiles, 1024),
+                                        num_warps=4)
     return loss, accuracy
 
 
@@ -314,7 +318,8 @@ def pairwise_loss_backward(grad_loss, chosen, rejected, margin):
     grad_chosen = torch.empty_like(chosen)
     grad_rejected = torch.empty_like(chosen)
     if n > 0:
-        _pairwise_backward_kernel[(triton.cdiv(n, _PAIRWISE_BLOCK),)](
-            grad_loss, chosen, rejected, margin, grad_chosen, grad_rejected, n, _count(n), BLOCK=_PAIRWISE_BLOCK,
-            INTERPRET=_INTERPRET, num_warps=4)
+        with on_device(chosen.device):
+            _pairwise_backward_kernel[(triton.cdiv(n, _PAIRWISE_BLOCK),)](
+                grad_loss, chosen, rejected, margin, grad_chosen, grad_rejected, n, _count(n),
+                BLOCK=_PAIRWISE_BLOCK, INTERPRET=INTERPRET, num_warps=4)
     return grad_chosen, grad_rejected

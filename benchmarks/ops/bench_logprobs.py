@@ -9,7 +9,6 @@ fwd+bwd reads them in forward and in backward and writes the gradient
 (3*N*V*B). The floor is those bytes at the copy bandwidth of the same run.
 """
 import os
-import time
 from typing import NamedTuple
 
 import pytest
@@ -58,7 +57,6 @@ CANDIDATES = {
 # 10-20 s a call on a small CPU beyond ~1e8 logits: there it runs only with
 # RLHF_ENGINE_BENCH_SLOW=1.
 SLOW_CPU_ELEMENTS = 100_000_000
-COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
 
 
 # Candidates ----------------------------------------------------------------------
@@ -69,7 +67,6 @@ def eager(logits, labels):
 
 
 _compiled = torch.compile(eager, dynamic=False)
-_compile_failure = []  # the first compile failure or timeout skips the later compiled runs
 
 
 def compiled(logits, labels):
@@ -92,8 +89,7 @@ def candidate_fn(name, case):
     if name == "eager":
         return eager
     if name == "compiled":
-        if _compile_failure:
-            pytest.skip(f"torch.compile skipped after: {_compile_failure[0]}")
+        harness.skip_if_compile_failed()
         return compiled
     if name == "liger":
         try:
@@ -180,16 +176,7 @@ def test_token_logprobs(benchmark, collector, case, mode, name):
 
     extra = notes(case)
     if name == "compiled":  # the first call compiles: bounded, and timed apart
-        try:
-            with harness.time_limit(COMPILE_TIMEOUT_S, f"torch.compile ({case.name}, {mode})"):
-                start = time.perf_counter()
-                call()
-                harness.sync(DEV)
-                extra["compile_s"] = time.perf_counter() - start
-        except Exception as exc:
-            _compile_failure.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-            collector.skip(OP, case.name, name, mode, f"torch.compile failed: {_compile_failure[-1]}")
-            pytest.skip(f"torch.compile failed: {_compile_failure[-1]}")
+        harness.warm_compiled(call, DEV, collector, op=OP, case=case.name, candidate=name, mode=mode, extra=extra)
     slow = name == "rlhf_engine[torch]"
     harness.run(benchmark, collector, op=OP, case=case.name, candidate=name, mode=mode, fn=call, dev=DEV,
                 setup=setup, model_bytes=case.model_bytes(mode), extra=extra,

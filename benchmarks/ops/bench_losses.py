@@ -13,7 +13,6 @@ inputs a second time (30 B per token) so that no [B, T] buffer but the
 gradient is ever allocated: the floor column shows what that costs.
 """
 import os
-import time
 from typing import NamedTuple
 
 import pytest
@@ -52,7 +51,6 @@ CANDIDATES = {
     "cpu": ("eager", "rlhf_engine[cpu]", "compiled", "rlhf_engine[torch]"),
     "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "compiled", "rlhf_engine[torch]"),
 }[DEV.type]
-COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))
 
 
 # Candidates ----------------------------------------------------------------------
@@ -79,7 +77,6 @@ def eager_value(values, old, returns, mask):
 
 OPS = {"ppo_policy_loss": (eager_policy, ppo_policy_loss), "ppo_value_loss": (eager_value, ppo_value_loss)}
 _compiled = {op: torch.compile(fns[0], dynamic=False) for op, fns in OPS.items()}
-_compile_failure = []  # the first compile failure or timeout skips the later compiled runs
 
 
 def candidate_fn(op, name):
@@ -88,8 +85,7 @@ def candidate_fn(op, name):
     if name == "eager":
         return eager
     if name == "compiled":
-        if _compile_failure:
-            pytest.skip(f"torch.compile skipped after: {_compile_failure[0]}")
+        harness.skip_if_compile_failed()
         return _compiled[op]
     backend = name.removeprefix("rlhf_engine[").removesuffix("]")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -163,15 +159,6 @@ def test_losses(benchmark, collector, op, case, mode, name):
 
     extra = notes(case)
     if name == "compiled":  # the first call compiles: bounded, and timed apart
-        try:
-            with harness.time_limit(COMPILE_TIMEOUT_S, f"torch.compile ({op}, {case.name}, {mode})"):
-                start = time.perf_counter()
-                call()
-                harness.sync(DEV)
-                extra["compile_s"] = time.perf_counter() - start
-        except Exception as exc:
-            _compile_failure.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-            collector.skip(op, case.name, name, mode, f"torch.compile failed: {_compile_failure[-1]}")
-            pytest.skip(f"torch.compile failed: {_compile_failure[-1]}")
+        harness.warm_compiled(call, DEV, collector, op=op, case=case.name, candidate=name, mode=mode, extra=extra)
     harness.run(benchmark, collector, op=op, case=case.name, candidate=name, mode=mode, fn=call, dev=DEV,
                 setup=setup, model_bytes=case.model_bytes(mode), extra=extra)
