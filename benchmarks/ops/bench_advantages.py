@@ -1,4 +1,4 @@
-"""gae and masked_whiten against what RL frameworks ship.
+"""gae, masked_whiten and group_advantages against what RL frameworks ship.
 
 * gae: ``eager`` is the Python-loop GAE of TRL / veRL (a reverse
   ``for t in range(T)`` over [B] slices, with masked positions skipped as
@@ -7,13 +7,17 @@
 * masked_whiten: ``eager`` is the vectorised torch composition of TRL /
   veRL (masked mean, Bessel-corrected masked variance, rsqrt); also under
   torch.compile.
+* group_advantages: ``eager`` is the GRPO baseline as TRL writes it (view
+  as [groups, G], mean and unbiased std per group); also under
+  torch.compile. Case [B, T] = B groups of T samples.
 
-Mode ``fwd`` only: neither op is differentiable (their outputs are targets).
+Mode ``fwd`` only: none of these ops is differentiable (their outputs are targets).
 Byte model: gae reads rewards and values (4 B each) and the mask (1 B) and
 writes advantages and returns (4 B each): 17 B a position. masked_whiten
 reads x and the mask and writes the output once: 9 B a position (the
 kernels read x and the mask three times, the extra passes from cache only
-when it fits). The floor is those bytes at the copy bandwidth of the run.
+when it fits). group_advantages reads and writes each score once: 8 B a
+score. The floor is those bytes at the copy bandwidth of the run.
 """
 import os
 from typing import NamedTuple
@@ -22,7 +26,7 @@ import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import gae, masked_whiten, registry
+from rlhf_engine.ops import gae, group_advantages, masked_whiten, registry
 
 DEV = harness.device()
 GAMMA, LAM = 0.99, 0.95
@@ -42,11 +46,11 @@ class Case(NamedTuple):
         return f"{self.op}-{self.b}x{self.t}"
 
     def model_bytes(self):
-        per_position = {"gae": 17, "masked_whiten": 9}[self.op]
+        per_position = {"gae": 17, "masked_whiten": 9, "group_advantages": 8}[self.op]
         return per_position * self.b * self.t
 
 
-CASES = [Case("gae", 512, 4096), Case("masked_whiten", 512, 4096)]
+CASES = [Case("gae", 512, 4096), Case("masked_whiten", 512, 4096), Case("group_advantages", 4096, 16)]
 CANDIDATES = {
     "gae": {"cpu": ("eager", "rlhf_engine[cpu]", "rlhf_engine[torch]"),
             "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "rlhf_engine[torch]")},
@@ -54,6 +58,7 @@ CANDIDATES = {
                       "cuda": ("eager", "rlhf_engine[triton]", "rlhf_engine[cuda]", "compiled",
                                "rlhf_engine[torch]")},
 }
+CANDIDATES["group_advantages"] = CANDIDATES["masked_whiten"]
 
 
 # Candidates ----------------------------------------------------------------------
@@ -84,24 +89,37 @@ def eager_whiten(x, mask):
     return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
-_compiled_whiten = torch.compile(eager_whiten, dynamic=False)
+def eager_group(scores, group_size):
+    """GRPO's group baseline as TRL computes it."""
+    grouped = scores.view(-1, group_size)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + 1e-6)).view(-1)
+
+
+_compiled = {"masked_whiten": torch.compile(eager_whiten, dynamic=False),
+             "group_advantages": torch.compile(eager_group, dynamic=False)}
 
 
 def candidate_fn(name, case):
-    """fn(rewards, values, mask) of the candidate, or pytest.skip with the reason."""
-    if name == "eager":
-        return eager_gae if case.op == "gae" else lambda r, v, m: eager_whiten(r, m)
+    """fn(rewards, values, mask) of the candidate, or pytest.skip with the reason.
+    group_advantages takes the rewards, flattened, as B groups of T scores."""
     if name == "compiled":
-        return lambda r, v, m: _compiled_whiten(r, m)
+        harness.skip_if_compile_failed()
+    if name in ("eager", "compiled"):
+        whiten, group = ((eager_whiten, eager_group) if name == "eager"
+                         else (_compiled["masked_whiten"], _compiled["group_advantages"]))
+        return {"gae": eager_gae,
+                "masked_whiten": lambda r, v, m: whiten(r, m),
+                "group_advantages": lambda r, v, m: group(r.view(-1), case.t)}[case.op]
     backend = name.removeprefix("rlhf_engine[").removesuffix("]")
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
     reason = registry.unavailable_reason(case.op, backend, DEV, torch.float32)
     if reason:
         pytest.skip(reason)
-    if case.op == "gae":
-        return lambda r, v, m: gae(r, v, m, gamma=GAMMA, lam=LAM, backend=backend)
-    return lambda r, v, m: masked_whiten(r, m, backend=backend)
+    return {"gae": lambda r, v, m: gae(r, v, m, gamma=GAMMA, lam=LAM, backend=backend),
+            "masked_whiten": lambda r, v, m: masked_whiten(r, m, backend=backend),
+            "group_advantages": lambda r, v, m: group_advantages(r.view(-1), case.t, backend=backend)}[case.op]
 
 
 # Inputs ----------------------------------------------------------------------------
@@ -151,5 +169,8 @@ def test_advantages(benchmark, collector, case, name):
 
     notes = {"notes": [f"Byte model: {case.model_bytes() / harness.MB:.0f} MB "
                        f"({case.model_bytes() // (case.b * case.t)} B a position, see the module docstring)."]}
+    if name == "compiled":  # the first call compiles: bounded, and timed apart
+        harness.warm_compiled(call, DEV, collector, op=case.op, case=case.name, candidate=name, mode="fwd",
+                              extra=notes)
     harness.run(benchmark, collector, op=case.op, case=case.name, candidate=name, mode="fwd", fn=call, dev=DEV,
                 model_bytes=case.model_bytes(), extra=notes)

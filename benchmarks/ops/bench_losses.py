@@ -1,4 +1,5 @@
-"""ppo_policy_loss and ppo_value_loss against eager torch and torch.compile.
+"""ppo_policy_loss, ppo_value_loss and pairwise_reward_loss against eager
+torch and torch.compile.
 
 Modes: ``fwd`` (under torch.no_grad: loss and stats only) and ``fwd+bwd``
 (forward on a leaf [B, T] tensor, then ``loss.backward()``; the gradient is
@@ -11,6 +12,8 @@ fwd reads the inputs once (13 B·T·B); fwd+bwd, at best, reads them once and
 writes the float32 gradient (17 B per token). The kernels' backward reads the
 inputs a second time (30 B per token) so that no [B, T] buffer but the
 gradient is ever allocated: the floor column shows what that costs.
+pairwise_reward_loss runs on the same inputs flattened into B·T pairs
+(chosen = x, rejected = old); its byte model is not given.
 """
 import os
 from typing import NamedTuple
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import ppo_policy_loss, ppo_value_loss, registry
+from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss, registry
 
 DEV = harness.device()
 CLIP = 0.2
@@ -38,8 +41,8 @@ class Case(NamedTuple):
     def id(self):
         return f"{self.b}x{self.t}"
 
-    def model_bytes(self, mode):
-        return BYTES_PER_TOKEN[mode] * self.b * self.t
+    def model_bytes(self, op, mode):
+        return BYTES_PER_TOKEN[mode] * self.b * self.t if op != "pairwise_reward_loss" else None
 
 
 # [512, 4096] float32 is the CPU acceptance target: ppo_policy_loss fwd+bwd on
@@ -75,7 +78,20 @@ def eager_value(values, old, returns, mask):
     return 0.5 * (torch.maximum(s1, s2) * m).sum() / n, {"clipfrac": ((s2 > s1).float() * m).sum() / n}
 
 
-OPS = {"ppo_policy_loss": (eager_policy, ppo_policy_loss), "ppo_value_loss": (eager_value, ppo_value_loss)}
+def eager_pairwise(chosen, rejected, _target, _mask):
+    """Bradley-Terry loss as reward-model trainers write it."""
+    chosen, rejected = chosen.view(-1), rejected.view(-1)
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean(), {"accuracy": (chosen > rejected).float().mean()}
+
+
+# op -> (eager reference, fn(x, old, target, mask, backend) of the engine's op)
+OPS = {
+    "ppo_policy_loss": (eager_policy, lambda x, o, t, m, backend: ppo_policy_loss(x, o, t, m, clip_low=CLIP,
+                                                                                  backend=backend)),
+    "ppo_value_loss": (eager_value, lambda x, o, t, m, backend: ppo_value_loss(x, o, t, m, clip=CLIP, backend=backend)),
+    "pairwise_reward_loss": (eager_pairwise, lambda x, o, t, m, backend: pairwise_reward_loss(x.view(-1), o.view(-1),
+                                                                                              backend=backend)),
+}
 _compiled = {op: torch.compile(fns[0], dynamic=False) for op, fns in OPS.items()}
 
 
@@ -93,8 +109,7 @@ def candidate_fn(op, name):
     reason = registry.unavailable_reason(op, backend, DEV, torch.float32)
     if reason:
         pytest.skip(reason)
-    kwargs = dict(clip_low=CLIP) if op == "ppo_policy_loss" else dict(clip=CLIP)
-    return lambda x, old, target, mask: engine(x, old, target, mask, backend=backend, **kwargs)
+    return lambda x, old, target, mask: engine(x, old, target, mask, backend)
 
 
 # Inputs ----------------------------------------------------------------------------
@@ -116,8 +131,10 @@ def inputs(case):
     return _inputs[case]
 
 
-def notes(case):
+def notes(op, case):
     mb = case.b * case.t / harness.MB
+    if op == "pairwise_reward_loss":
+        return {"notes": [f"{case.b * case.t} pairs (chosen = x, rejected = old of the PPO cases, flattened)."]}
     return {"notes": [f"Byte model: fwd reads the inputs once ({13 * mb:.0f} MB); fwd+bwd at best reads them once "
                       f"and writes the gradient ({17 * mb:.0f} MB). A float32 [B, T] tensor is {4 * mb:.1f} MB."]}
 
@@ -157,8 +174,8 @@ def test_losses(benchmark, collector, op, case, mode, name):
         def setup():
             leaf.grad = None
 
-    extra = notes(case)
+    extra = notes(op, case)
     if name == "compiled":  # the first call compiles: bounded, and timed apart
         harness.warm_compiled(call, DEV, collector, op=op, case=case.name, candidate=name, mode=mode, extra=extra)
     harness.run(benchmark, collector, op=op, case=case.name, candidate=name, mode=mode, fn=call, dev=DEV,
-                setup=setup, model_bytes=case.model_bytes(mode), extra=extra)
+                setup=setup, model_bytes=case.model_bytes(op, mode), extra=extra)

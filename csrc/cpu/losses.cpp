@@ -212,16 +212,49 @@ struct Pairs {
   inline float z(int64_t i) const { return chosen[i] - rejected[i] - margin[i]; }
 };
 
-// softplus(-z) = -logsigmoid(z), stable for any z (NaN propagates: std::max
-// returns its first argument then).
-inline float softplus_neg(float z) { return std::max(-z, 0.0f) + std::log1p(std::exp(-std::fabs(z))); }
+// log(1 + e) for e in [0, 1]: 2 atanh(q), q = e / (2 + e) <= 1/3, by its odd
+// series to q^15 (truncation < 1e-9 relative); vectorizes, unlike log1pf.
+inline float log1p_unit(float e) {
+  const float q = e / (2.0f + e);
+  const float q2 = q * q;
+  float p = 1.0f / 15.0f;
+  p = p * q2 + 1.0f / 13.0f;
+  p = p * q2 + 1.0f / 11.0f;
+  p = p * q2 + 1.0f / 9.0f;
+  p = p * q2 + 1.0f / 7.0f;
+  p = p * q2 + 1.0f / 5.0f;
+  p = p * q2 + 1.0f / 3.0f;
+  p = p * q2 + 1.0f;
+  return 2.0f * q * p;
+}
+
+// softplus(-z) = -logsigmoid(z) = max(-z, 0) + log(1 + exp(-|z|)), stable for
+// any z; NaN propagates (std::max returns its first argument then).
+inline float softplus_neg(float z) {
+  return std::max(-z, 0.0f) + log1p_unit(exp_bounded(clamp(-std::fabs(z), -87.0f, 0.0f)));
+}
 
 // partials[0..2) of the pairs [lo, hi): (sum softplus(-z), number correct).
+// Blocks of kTile pairs are evaluated by a vectorizable loop into kLanes
+// float32 lanes, added once per block into float64.
 void pairwise_tile(const Pairs& p, int64_t lo, int64_t hi, float* out) {
   double loss = 0.0, correct = 0.0;
-  for (int64_t i = lo; i < hi; ++i) {
-    loss += softplus_neg(p.z(i));
-    correct += p.chosen[i] > p.rejected[i] ? 1.0 : 0.0;
+  for (int64_t start = lo; start < hi; start += kTile) {
+    const int64_t n = std::min(kTile, hi - start);
+    float losses[kTile], corrects[kTile];
+    for (int64_t i = 0; i < n; ++i) {
+      losses[i] = softplus_neg(p.z(start + i));
+      corrects[i] = p.chosen[start + i] > p.rejected[start + i] ? 1.0f : 0.0f;
+    }
+    float loss_lanes[kLanes] = {}, correct_lanes[kLanes] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      loss_lanes[i % kLanes] += losses[i];
+      correct_lanes[i % kLanes] += corrects[i];
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      loss += loss_lanes[l];
+      correct += correct_lanes[l];
+    }
   }
   out[0] = static_cast<float>(loss);
   out[1] = static_cast<float>(correct);
@@ -256,7 +289,7 @@ int pairwise_backward(const Pairs& p, const float* grad_loss, int64_t N, float* 
   try {
     rlhf::parallel_for(0, N, kGrainTokens, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const float g = -w / (1.0f + std::exp(p.z(i)));  // -sigmoid(-z) g / N
+        const float g = -w / (1.0f + exp_bounded(clamp(p.z(i), -87.0f, 87.0f)));  // -sigmoid(-z) g / N
         grad_chosen[i] = g;
         grad_rejected[i] = -g;
       }
