@@ -6,8 +6,9 @@
 // walking several rows side by side, or SIMD over rows through transposed
 // tiles, was 2-6x slower than this plain loop: rows a power-of-two apart
 // alias in the caches).
-// Whitening: per-row partial sums in double (fixed order inside a row), then
-// a fixed-order sum over rows, so results do not depend on the threading.
+// Whitening: per-row mean and squared deviations in double (two passes over
+// the row while it is in cache), combined over rows in row order (Chan et
+// al.), so results do not depend on the threading; then one output pass.
 #include "rlhf_engine/advantages.h"
 
 #include <algorithm>
@@ -43,40 +44,59 @@ void gae_row(const float* r, const float* v, const uint8_t* mask, int64_t T, dou
 
 // ---- whitening -----------------------------------------------------------------
 
-// (count, sum of (x - center), sum of (x - center)^2) over the valid positions
-// of one row, in double, in a fixed order (four interleaved partial sums).
+// (count, mean, sum of squared deviations from the mean) of the valid
+// positions of a row or of several rows.
 struct Moments {
-  double count = 0, s1 = 0, s2 = 0;
+  double count = 0, mean = 0, m2 = 0;
 };
 
-Moments row_moments(const float* x, const uint8_t* mask, int64_t T, double center) {
-  double c[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0};
+constexpr int kLanes = 8;  // double accumulators: fixed order, and they vectorize
+
+// One row, two passes over it while it is in cache: the mean, then the
+// squared deviations around it (no cancellation).
+Moments row_moments(const float* x, const uint8_t* mask, int64_t T) {
+  double c[kLanes] = {}, s[kLanes] = {};
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t lane = t & 3;
-    const double d = mask[t] ? static_cast<double>(x[t]) - center : 0.0;
-    c[lane] += mask[t] ? 1.0 : 0.0;
-    s1[lane] += d;
-    s2[lane] += d * d;
+    c[t % kLanes] += mask[t] ? 1.0 : 0.0;
+    s[t % kLanes] += mask[t] ? static_cast<double>(x[t]) : 0.0;
   }
   Moments m;
-  m.count = (c[0] + c[1]) + (c[2] + c[3]);
-  m.s1 = (s1[0] + s1[1]) + (s1[2] + s1[3]);
-  m.s2 = (s2[0] + s2[1]) + (s2[2] + s2[3]);
+  double sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    m.count += c[l];
+    sum += s[l];
+  }
+  if (m.count == 0) return m;
+  m.mean = sum / m.count;
+  double q[kLanes] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const double d = mask[t] ? static_cast<double>(x[t]) - m.mean : 0.0;
+    q[t % kLanes] += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) m.m2 += q[l];
   return m;
 }
 
-// Sum over rows (fixed order) of the per-row moments around ``center``.
-Moments total_moments(const float* x, const uint8_t* mask, int64_t n_rows, int64_t T, double center) {
+// Chan et al.'s pairwise update: the moments of the union of two sets.
+Moments combine(const Moments& a, const Moments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  Moments out;
+  out.count = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  out.mean = a.mean + delta * (b.count / out.count);
+  out.m2 = a.m2 + b.m2 + delta * delta * (a.count * b.count / out.count);
+  return out;
+}
+
+// Moments of all valid positions: per row in parallel, then combined in row order.
+Moments total_moments(const float* x, const uint8_t* mask, int64_t n_rows, int64_t T) {
   std::vector<Moments> rows(n_rows);
   rlhf::parallel_for(0, n_rows, row_grain(T), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) rows[r] = row_moments(x + r * T, mask + r * T, T, center);
+    for (int64_t r = lo; r < hi; ++r) rows[r] = row_moments(x + r * T, mask + r * T, T);
   });
   Moments total;
-  for (const Moments& m : rows) {
-    total.count += m.count;
-    total.s1 += m.s1;
-    total.s2 += m.s2;
-  }
+  for (const Moments& m : rows) total = combine(total, m);
   return total;
 }
 
@@ -98,11 +118,9 @@ extern "C" int rlhf_gae_cpu(const float* rewards, const float* values, const uin
 extern "C" int rlhf_masked_whiten_cpu(const float* x, const uint8_t* mask, int64_t n_rows, int64_t T,
                                       int shift_mean, float eps, float* out) {
   if (n_rows < 0 || T < 0) return 1;
-  const Moments first = total_moments(x, mask, n_rows, T, 0.0);
-  const double mean = first.count > 0 ? first.s1 / first.count : 0.0;
-  // Second pass around the mean: no cancellation in the variance.
-  const Moments second = total_moments(x, mask, n_rows, T, mean);
-  const double var = second.count >= 2 ? second.s2 / (second.count - 1) : 0.0;
+  const Moments total = total_moments(x, mask, n_rows, T);
+  const double mean = total.mean;
+  const double var = total.count >= 2 ? total.m2 / (total.count - 1) : 0.0;
   const double scale = 1.0 / std::sqrt(var + static_cast<double>(eps));
   const double add_back = shift_mean ? 0.0 : mean;
   rlhf::parallel_for(0, n_rows * T, kGrainElements, [&](int64_t lo, int64_t hi) {
