@@ -76,10 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward(
   return {logp, entropy, stats};
 }
 
-at::Tensor token_logprobs_backward(
+// Checks the backward's inputs and runs the kernel, writing the gradient to
+// `grad_logits` ([N, V] contiguous, dtype of the logits; may be the logits
+// themselves when their row stride is V).
+void run_token_logprobs_backward(
     const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
-    const std::optional<at::Tensor>& entropy, double temperature, int64_t ignore_index) {
+    const std::optional<at::Tensor>& entropy, double temperature, int64_t ignore_index, void* grad_logits) {
   check_rows(logits, labels);
   const int64_t n = logits.size(0);
   check_row_vector(grad_logp, n, "grad_logp");
@@ -92,15 +95,35 @@ at::Tensor token_logprobs_backward(
     check_row_vector(*grad_entropy, n, "grad_entropy");
     check_row_vector(*entropy, n, "entropy");
   }
-  at::Tensor grad = empty_output({n, logits.size(1)}, logits.options());
   const int rc = rlhf_token_logprobs_backward_cpu(
       grad_logp.data_ptr<float>(), with_entropy ? grad_entropy->data_ptr<float>() : nullptr,
       logits.data_ptr(), dtype_code(logits), n, logits.size(1), logits.stride(0),
       labels.data_ptr(), labels.scalar_type() == at::kLong, stats.data_ptr<float>(),
       with_entropy ? entropy->data_ptr<float>() : nullptr, static_cast<float>(temperature),
-      ignore_index, grad.data_ptr());
+      ignore_index, grad_logits);
   TORCH_CHECK(rc == 0, "rlhf_token_logprobs_backward_cpu failed with code ", rc);
+}
+
+at::Tensor token_logprobs_backward(
+    const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
+    const std::optional<at::Tensor>& entropy, double temperature, int64_t ignore_index) {
+  check_rows(logits, labels);
+  at::Tensor grad = empty_output({logits.size(0), logits.size(1)}, logits.options());
+  run_token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                              grad.data_ptr());
   return grad;
+}
+
+// In place: overwrites `logits` (contiguous [N, V], a dead buffer such as a
+// recomputed chunk of logits) with their gradient.
+void token_logprobs_backward_(
+    at::Tensor& logits, const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& labels, const at::Tensor& stats, const std::optional<at::Tensor>& entropy,
+    double temperature, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "rlhf_engine_cpu: in-place logits must be contiguous [N, V]");
+  run_token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index,
+                              logits.data_ptr());
 }
 
 }  // namespace
@@ -110,9 +133,12 @@ TORCH_LIBRARY(rlhf_engine_cpu, m) {
         "bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)");
   m.def("token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
         "Tensor stats, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+  m.def("token_logprobs_backward_(Tensor(a!) logits, Tensor grad_logp, Tensor? grad_entropy, Tensor labels, "
+        "Tensor stats, Tensor? entropy, float temperature, int ignore_index) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_engine_cpu, CPU, m) {
   m.impl("token_logprobs_forward", &token_logprobs_forward);
   m.impl("token_logprobs_backward", &token_logprobs_backward);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_);
 }

@@ -163,9 +163,11 @@ def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
 
 
 @registry.register(OP_BACKWARD, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index, out=None):
+    """``out``: an optional contiguous [N, V] buffer for the gradient; it may be
+    ``rows`` itself when contiguous (in place, see the C header)."""
     n, vocab = rows.shape
-    grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device)
+    grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device) if out is None else out
     name = "rlhf_token_logprobs_backward_cuda"
     code = _native.kernel(_native.CUDA_KERNELS, name, _CUDA_BACKWARD)(
         g_logp.data_ptr(), _native.ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
