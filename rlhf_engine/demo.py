@@ -1,5 +1,6 @@
 """Every backend of the ops on built-in sizes: error against float64, time and
-peak memory, side by side with eager PyTorch.
+peak memory (token_logprobs side by side with eager PyTorch; the RL ops
+against their float64 reference).
 
     python -m rlhf_engine.demo [--device cpu|cuda] [--quick]
 
@@ -11,6 +12,7 @@ import argparse
 
 import torch
 
+from rlhf_engine import ops
 from rlhf_engine.ops import registry, token_logprobs
 from rlhf_engine.profiling import median_time, peak_memory
 
@@ -64,6 +66,66 @@ def run_case(shape, dtype, device, repeats):
     return rows
 
 
+def rl_cases(b, t):
+    """name -> (op name, op, args, kwargs, index of the differentiated arg or
+    None): the RL ops on [b, t] inputs as PPO produces them."""
+    gen = torch.Generator().manual_seed(0)
+    normal = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    mask = torch.rand(b, t, generator=gen) > 0.2
+    logp = -torch.rand(b, t, generator=gen) * 3
+    old = logp + 0.1 * normal(b, t)
+    return {
+        "kl_penalty k3": ("kl_penalty", ops.kl_penalty, (logp, old), dict(estimator="k3"), 0),
+        "kl_shaped_rewards": ("kl_shaped_rewards", ops.kl_shaped_rewards, (normal(b), logp, old, mask),
+                              dict(kl_coef=0.05), None),
+        "gae": ("gae", ops.gae, (normal(b, t), normal(b, t), mask), dict(gamma=1.0, lam=0.95), None),
+        "masked_whiten": ("masked_whiten", ops.masked_whiten, (normal(b, t), mask), {}, None),
+        "group_advantages": ("group_advantages", ops.group_advantages, (normal(b * t), 16), {}, None),
+        "ppo_policy_loss": ("ppo_policy_loss", ops.ppo_policy_loss, (logp, old, normal(b, t), mask),
+                            dict(clip_high=0.28), 0),
+        "ppo_value_loss": ("ppo_value_loss", ops.ppo_value_loss, (normal(b, t), normal(b, t), normal(b, t), mask),
+                           {}, 0),
+        "pairwise_reward_loss": ("pairwise_reward_loss", ops.pairwise_reward_loss, (normal(b * t), normal(b * t)),
+                                 {}, 0),
+    }
+
+
+def _call(fn, args, kwargs, grad_arg, backend, dtype, device):
+    """(first output, gradient of its sum w.r.t. args[grad_arg] or None)."""
+    args = [a.to(device, dtype, copy=True) if torch.is_tensor(a) and a.is_floating_point() else
+            a.to(device) if torch.is_tensor(a) else a for a in args]
+    if grad_arg is not None:
+        args[grad_arg].requires_grad_()
+    out = fn(*args, backend=backend, **kwargs)
+    main = out[0] if isinstance(out, tuple) else out
+    if grad_arg is None:
+        return main, None
+    main.sum().backward()
+    return main, args[grad_arg].grad
+
+
+def run_rl_ops(device, repeats, b=512, t=4096):
+    print(f"RL ops on [{b}, {t}] float32 (forward + backward where differentiable) on {device}; the error of a loss\n"
+          "is relative to its value, a mean of mixed-sign terms (float32 inputs alone move it by ~1e-6)\n")
+    header = f"{'op':>22} {'backend':>8} {'err out':>9} {'err grad':>9} {'ms':>9} {'peak MB':>8}  (peak includes copying the inputs)"
+    print(header)
+    print("-" * len(header))
+    for name, (op, fn, args, kwargs, grad_arg) in rl_cases(b, t).items():
+        ref, ref_grad = _call(fn, args, kwargs, grad_arg, "torch", torch.float64, "cpu")
+        for backend in BACKENDS:
+            reason = registry.unavailable_reason(op, backend, torch.device(device), torch.float32)
+            if reason:
+                print(f"{name:>22} {backend:>8}  skipped: {reason}")
+                continue
+            step = lambda: _call(fn, args, kwargs, grad_arg, backend, torch.float32, device)  # noqa: E731
+            (out, grad), memory = peak_memory(step, device)
+            seconds = median_time(step, device, repeats=repeats, warmup=0)
+            gerr = f"{_rel(grad.cpu(), ref_grad):9.1e}" if grad is not None else f"{'-':>9}"
+            print(f"{name:>22} {backend:>8} {_rel(out.cpu(), ref):9.1e} {gerr} {seconds * 1e3:9.2f} "
+                  f"{memory.peak_bytes / 2**20:8.1f}")
+    print()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +150,7 @@ def main(argv=None):
             print(f"{lead} {err:9.1e} {gerr:9.1e} {seconds * 1e3:9.2f} {base_time / seconds:7.2f}x "
                   f"{peak / 2**20:8.1f} {peak / base_peak:9.2f}")
         print()
+    run_rl_ops(args.device, args.repeats, *((64, 512) if args.quick else (512, 4096)))
 
 
 if __name__ == "__main__":
