@@ -106,8 +106,9 @@ def _call(fn, args, kwargs, grad_arg, backend, dtype, device):
 
 def run_rl_ops(device, repeats, b=512, t=4096):
     print(f"RL ops on [{b}, {t}] float32 (forward + backward where differentiable) on {device}; the error of a loss\n"
-          "is relative to its value, a mean of mixed-sign terms (float32 inputs alone move it by ~1e-6)\n")
-    header = f"{'op':>22} {'backend':>8} {'err out':>9} {'err grad':>9} {'ms':>9} {'peak MB':>8}  (peak includes copying the inputs)"
+          "is relative to its value, a mean of mixed-sign terms (float32 inputs alone move it by ~1e-6);\n"
+          "peak memory includes the copies of the inputs each call makes\n")
+    header = f"{'op':>22} {'backend':>8} {'err out':>9} {'err grad':>9} {'ms':>9} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
     for name, (op, fn, args, kwargs, grad_arg) in rl_cases(b, t).items():
