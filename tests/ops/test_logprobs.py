@@ -66,7 +66,12 @@ def check_forward_backward(logits, labels, backend, temperature, tol, gen):
             both_tol = tol if logits.dtype == torch.float32 else 2 * ROUNDOFF[logits.dtype]
             assert err <= both_tol, f"{name}: relative error {err:.3e} > {both_tol:.1e}"
         elif logits.dtype != torch.float32:
-            assert_rounded_close(grad, ref, name)
+            # The entropy term p (log p + H) cancels where log p ~ -H: allow
+            # the float32 evaluation of its parts (a few ulps of each) on top
+            # of the one rounding to the output dtype.
+            log_p = torch.log_softmax(x_ref.detach() / temperature, -1)
+            parts = log_p.exp() * (log_p.abs() + ent_ref.detach()[..., None]) * g2.abs()[..., None] / temperature
+            assert_rounded_close(grad, ref, name, slack=2e-6 * parts)
         else:
             assert_close(grad, ref, tol, name)
 
