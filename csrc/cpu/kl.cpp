@@ -3,54 +3,24 @@
 //
 // Every op is one element-wise pass. The per-element math is branch-free
 // (both k3 branches are computed and selected), with the estimator a template
-// parameter, so each loop vectorizes; exp is a Cody-Waite reduction and a
-// polynomial rather than a libm call for the same reason. Work is split over
+// parameter, so each loop vectorizes; exp is rlhf::exp_bounded
+// (scalar_math.h) rather than a libm call for the same reason. Work is split over
 // threads with rlhf::parallel_for (element ranges, or whole rows for the
 // shaped rewards).
 #include "rlhf_engine/kl.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "parallel.h"
+#include "scalar_math.h"
 
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread, at least
 
 // ---- scalar math ----------------------------------------------------------
-
-// clamp that passes NaN through (std::min/max and fminf would drop it).
-inline float clamp_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-inline float bits_to_float(int32_t bits) {
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// exp(x) for |x| <= 20: x = n ln2 + f with |f| <= ln2 / 2, 2^n from the
-// exponent bits, e^f from its Taylor polynomial to f^8 (error < 1e-9).
-inline float exp_small_range(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;  // exact in 16 bits
-  constexpr float kLn2Lo = 1.42860682030941723e-6f;
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * kLog2e + kRound) - kRound;
-  const float f = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.f / 40320.f;
-  p = p * f + 1.f / 5040.f;
-  p = p * f + 1.f / 720.f;
-  p = p * f + 1.f / 120.f;
-  p = p * f + 1.f / 24.f;
-  p = p * f + 1.f / 6.f;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-}
 
 // exp(r) - 1 - r without cancellation: the Taylor series r^2 (1/2! + r/3! +
 // ... + r^10/12!) for |r| < 1 (truncation < 2e-10 relative), exp(r) - 1 - r
@@ -68,7 +38,7 @@ inline float exp_m1_m_id(float r) {
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   const float series = r * r * p;
-  const float direct = (exp_small_range(r) - 1.f) - r;
+  const float direct = (rlhf::exp_bounded(r) - 1.f) - r;
   return (r < 1.f && r > -1.f) ? series : direct;
 }
 
@@ -85,8 +55,8 @@ inline float kl_value(float d) {
   } else if constexpr (E == RLHF_KL_K2) {
     return 0.5f * d * d;
   } else {
-    const float r = clamp_nan(-d, -kK3Ratio, kK3Ratio);
-    return clamp_nan(exp_m1_m_id(r), -kK3Value, kK3Value);
+    const float r = rlhf::clamp(-d, -kK3Ratio, kK3Ratio);
+    return rlhf::clamp(exp_m1_m_id(r), -kK3Value, kK3Value);
   }
 }
 
@@ -103,7 +73,7 @@ inline float kl_derivative(float d) {
     return d;
   } else {
     const float r_raw = -d;
-    const float r = clamp_nan(r_raw, -kK3Ratio, kK3Ratio);
+    const float r = rlhf::clamp(r_raw, -kK3Ratio, kK3Ratio);
     const float v = exp_m1_m_id(r);
     const bool binds = r_raw < -kK3Ratio || r_raw > kK3Ratio || v < -kK3Value || v > kK3Value;
     return binds ? 0.f : -(v + r);  // d/dd (e^r - r - 1) = -(e^r - 1)

@@ -21,9 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "parallel.h"
+#include "scalar_math.h"
 
 namespace {
 
@@ -32,32 +32,6 @@ constexpr int64_t kLanes = 16;   // float64 accumulators per statistic
 constexpr int64_t kGrainTokens = 1 << 15;  // tokens per thread at least
 constexpr float kNegKlBound = 20.0f;
 
-// exp(x) for x in [-87, 87] (or NaN), within about 1 ulp: Cephes' expf
-// polynomial with branch-free range reduction, so that loops over it
-// vectorize (libm's expf does not without -ffast-math). n = round(x log2 e)
-// by the 1.5 * 2^23 trick: adds only (floorf does not vectorize when the
-// compiler makes the call conditional).
-inline float exp_bounded(float x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  const float fx = (x * 1.44269504088896341f + kRound) - kRound;
-  const float n = fx == fx ? fx : 0.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x == x ? y * scale : x;
-}
-
-// clamp that keeps NaN (std::max/std::min return their first argument then).
-inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
 
 // One token's loss l, derivative dl, and statistics (clipped, -neg_kl, lower).
 struct Token {
@@ -72,11 +46,11 @@ struct PolicyLoss {
 
   inline Token operator()(int64_t i) const {
     const float d = logprobs[i] - old_logprobs[i];
-    const float neg_kl = clamp(d, -kNegKlBound, kNegKlBound);
-    const float ratio = exp_bounded(neg_kl);
+    const float neg_kl = rlhf::clamp(d, -kNegKlBound, kNegKlBound);
+    const float ratio = rlhf::exp_bounded(neg_kl);
     const float a = advantages[i];
     const float l1 = -a * ratio;
-    const float l2 = -a * clamp(ratio, lo, hi);
+    const float l2 = -a * rlhf::clamp(ratio, lo, hi);
     const bool clipped = l2 > l1;
     const float pass = (d >= -kNegKlBound && d <= kNegKlBound) ? 1.0f : 0.0f;
     float l = clipped ? l2 : l1;
@@ -101,7 +75,7 @@ struct ValueLoss {
     const bool inside = delta >= -clip && delta <= clip;
     const float e1 = v - ret;
     // v_clip is exactly v inside the clip range (no rounding noise in the flag)
-    const float e2 = inside ? e1 : old + clamp(delta, -clip, clip) - ret;
+    const float e2 = inside ? e1 : old + rlhf::clamp(delta, -clip, clip) - ret;
     const float s1 = e1 * e1, s2 = e2 * e2;
     const bool on_e2 = !(s2 <= s1);  // NaN in e2 selects it: NaN propagates
     return {0.5f * (on_e2 ? s2 : s1), on_e2 ? e2 * 0.0f : e1, s2 > s1 ? 1.0f : 0.0f, 0.0f, 0.0f};
@@ -231,7 +205,7 @@ inline float log1p_unit(float e) {
 // softplus(-z) = -logsigmoid(z) = max(-z, 0) + log(1 + exp(-|z|)), stable for
 // any z; NaN propagates (std::max returns its first argument then).
 inline float softplus_neg(float z) {
-  return std::max(-z, 0.0f) + log1p_unit(exp_bounded(clamp(-std::fabs(z), -87.0f, 0.0f)));
+  return std::max(-z, 0.0f) + log1p_unit(rlhf::exp_bounded(rlhf::clamp(-std::fabs(z), -87.0f, 0.0f)));
 }
 
 // partials[0..2) of the pairs [lo, hi): (sum softplus(-z), number correct).
@@ -289,7 +263,7 @@ int pairwise_backward(const Pairs& p, const float* grad_loss, int64_t N, float* 
   try {
     rlhf::parallel_for(0, N, kGrainTokens, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const float g = -w / (1.0f + exp_bounded(clamp(p.z(i), -87.0f, 87.0f)));  // -sigmoid(-z) g / N
+        const float g = -w / (1.0f + rlhf::exp_bounded(rlhf::clamp(p.z(i), -87.0f, 87.0f)));  // -sigmoid(-z) g / N
         grad_chosen[i] = g;
         grad_rejected[i] = -g;
       }
