@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from rlhf_engine import profiling
+from rlhf_engine.ops import registry
 
 REFERENCE = "eager"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -136,6 +137,31 @@ def time_limit(seconds, what):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def engine_backend(op, candidate, dev, dtype):
+    """The backend of an ``rlhf_engine[<backend>]`` candidate, or pytest.skip
+    with the reason it cannot run here (Triton only runs compiled, on a GPU)."""
+    backend = candidate.removeprefix("rlhf_engine[").removesuffix("]")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
+    reason = registry.unavailable_reason(op, backend, dev, dtype)
+    if reason:
+        pytest.skip(reason)
+    return backend
+
+
+_INPUTS = {}
+
+
+def cached_inputs(key, make):
+    """``make()`` once per (benchmark module, ``key``); only the latest
+    inputs stay alive, so big cases do not pile up in memory."""
+    key = (make.__module__, key)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[key] = make()
+    return _INPUTS[key]
 
 
 COMPILE_TIMEOUT_S = float(os.environ.get("RLHF_ENGINE_BENCH_COMPILE_TIMEOUT", "120"))

@@ -19,14 +19,13 @@ kernels read x and the mask three times, the extra passes from cache only
 when it fits). group_advantages reads and writes each score once: 8 B a
 score. The floor is those bytes at the copy bandwidth of the run.
 """
-import os
 from typing import NamedTuple
 
 import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import gae, group_advantages, masked_whiten, registry
+from rlhf_engine.ops import gae, group_advantages, masked_whiten
 
 DEV = harness.device()
 GAMMA, LAM = 0.99, 0.95
@@ -111,12 +110,7 @@ def candidate_fn(name, case):
         return {"gae": eager_gae,
                 "masked_whiten": lambda r, v, m: whiten(r, m),
                 "group_advantages": lambda r, v, m: group(r.view(-1), case.t)}[case.op]
-    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
-    reason = registry.unavailable_reason(case.op, backend, DEV, torch.float32)
-    if reason:
-        pytest.skip(reason)
+    backend = harness.engine_backend(case.op, name, DEV, torch.float32)
     return {"gae": lambda r, v, m: gae(r, v, m, gamma=GAMMA, lam=LAM, backend=backend),
             "masked_whiten": lambda r, v, m: masked_whiten(r, m, backend=backend),
             "group_advantages": lambda r, v, m: group_advantages(r.view(-1), case.t, backend=backend)}[case.op]
@@ -124,23 +118,20 @@ def candidate_fn(name, case):
 
 # Inputs ----------------------------------------------------------------------------
 
-_inputs = {}
-
-
 def inputs(case):
     """(rewards, values, mask) of ``case``: right-padded responses of random
     lengths with a masked tool span inside; drawn once per shape."""
-    key = (case.b, case.t)
-    if key not in _inputs:
-        _inputs.clear()
-        gen = torch.Generator(DEV).manual_seed(0)
-        rewards = torch.randn(case.b, case.t, generator=gen, device=DEV)
-        values = torch.randn(case.b, case.t, generator=gen, device=DEV)
-        lengths = torch.randint(case.t // 2, case.t + 1, (case.b, 1), generator=gen, device=DEV)
-        positions = torch.arange(case.t, device=DEV)
-        mask = (positions < lengths) & ~((positions >= case.t // 8) & (positions < case.t // 4))
-        _inputs[key] = (rewards, values, mask)
-    return _inputs[key]
+    return harness.cached_inputs((case.b, case.t), lambda: _draw(case))
+
+
+def _draw(case):
+    gen = torch.Generator(DEV).manual_seed(0)
+    rewards = torch.randn(case.b, case.t, generator=gen, device=DEV)
+    values = torch.randn(case.b, case.t, generator=gen, device=DEV)
+    lengths = torch.randint(case.t // 2, case.t + 1, (case.b, 1), generator=gen, device=DEV)
+    positions = torch.arange(case.t, device=DEV)
+    mask = (positions < lengths) & ~((positions >= case.t // 8) & (positions < case.t // 4))
+    return (rewards, values, mask)
 
 
 # The benchmark ---------------------------------------------------------------------

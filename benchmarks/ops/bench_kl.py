@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import kl_penalty, kl_shaped_rewards, registry
+from rlhf_engine.ops import kl_penalty, kl_shaped_rewards
 
 DEV = harness.device()
 SHAPE = (512, 4096)
@@ -73,29 +73,25 @@ def candidate_fn(name, case):
         if case.op == "kl_penalty":
             return lambda s, lp, ref, m: eager_penalty(lp, ref, case.estimator)
         return lambda s, lp, ref, m: eager_shaped(s, lp, ref, m, case.estimator)
-    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
-    reason = registry.unavailable_reason(case.op, backend, DEV, torch.float32)
-    if reason:
-        pytest.skip(reason)
+    backend = harness.engine_backend(case.op, name, DEV, torch.float32)
     if case.op == "kl_penalty":
         return lambda s, lp, ref, m: kl_penalty(lp, ref, estimator=case.estimator, backend=backend)
     return lambda s, lp, ref, m: kl_shaped_rewards(s, lp, ref, m, kl_coef=KL_COEF, estimator=case.estimator,
                                                    backend=backend)
 
 
-_inputs = {}
-
-
 def inputs():
     """(scores [B], logprobs, ref_logprobs, mask [B, T] bool), drawn once."""
-    if not _inputs:
-        gen = torch.Generator(DEV).manual_seed(0)
-        lp = -torch.rand(SHAPE, generator=gen, device=DEV) * 3
-        ref = lp + 0.3 * torch.randn(SHAPE, generator=gen, device=DEV)
-        lengths = torch.randint(1, SHAPE[1] + 1, (SHAPE[0],), generator=gen, device=DEV)
-        mask = torch.arange(SHAPE[1], device=DEV) < lengths[:, None]
-        _inputs["all"] = (torch.randn(SHAPE[0], generator=gen, device=DEV), lp, ref, mask)
-    return _inputs["all"]
+    return harness.cached_inputs("all", _draw)
+
+
+def _draw():
+    gen = torch.Generator(DEV).manual_seed(0)
+    lp = -torch.rand(SHAPE, generator=gen, device=DEV) * 3
+    ref = lp + 0.3 * torch.randn(SHAPE, generator=gen, device=DEV)
+    lengths = torch.randint(1, SHAPE[1] + 1, (SHAPE[0],), generator=gen, device=DEV)
+    mask = torch.arange(SHAPE[1], device=DEV) < lengths[:, None]
+    return (torch.randn(SHAPE[0], generator=gen, device=DEV), lp, ref, mask)
 
 
 PARAMS = []

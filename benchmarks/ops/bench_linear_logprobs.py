@@ -12,14 +12,13 @@ peak memory beyond inputs and gradients <= 1/4 of eager's, time <= 1.25x
 eager's. The last test writes ``linear_logprobs_memory.png`` (peak memory
 against N, eager and ours) next to the session's results.
 """
-import os
 from typing import NamedTuple
 
 import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import linear_token_logprobs, registry
+from rlhf_engine.ops import linear_token_logprobs
 
 OP = "linear_token_logprobs"
 DEV = harness.device()
@@ -72,30 +71,23 @@ def candidate_fn(name, case):
     """The candidate's function, or pytest.skip with the reason it cannot run."""
     if name == "eager":
         return eager
-    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
-    reason = registry.unavailable_reason(OP, backend, DEV, case.dtype)
-    if reason:
-        pytest.skip(reason)
+    backend = harness.engine_backend(OP, name, DEV, case.dtype)
     return engine(backend)
 
 
 # Inputs ----------------------------------------------------------------------------
 
-_inputs = {}
-
-
 def inputs(case):
     """(hidden, weight, labels) of ``case``, drawn once and kept while its tests run."""
-    if case not in _inputs:
-        _inputs.clear()
-        gen = torch.Generator(DEV).manual_seed(0)
-        hidden = torch.randn(case.n, case.h, generator=gen, device=DEV, dtype=case.dtype)
-        weight = torch.randn(case.v, case.h, generator=gen, device=DEV, dtype=case.dtype) * case.h ** -0.5 * 2
-        labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
-        _inputs[case] = (hidden, weight, labels)
-    return _inputs[case]
+    return harness.cached_inputs(case, lambda: _draw(case))
+
+
+def _draw(case):
+    gen = torch.Generator(DEV).manual_seed(0)
+    hidden = torch.randn(case.n, case.h, generator=gen, device=DEV, dtype=case.dtype)
+    weight = torch.randn(case.v, case.h, generator=gen, device=DEV, dtype=case.dtype) * case.h ** -0.5 * 2
+    labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
+    return (hidden, weight, labels)
 
 
 def notes(case, mode):

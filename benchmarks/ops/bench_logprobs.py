@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import registry, token_logprobs
+from rlhf_engine.ops import token_logprobs
 
 OP = "token_logprobs"
 T = 1.0  # temperature (Liger has none; the others divide by it)
@@ -97,12 +97,7 @@ def candidate_fn(name, case):
         except Exception as exc:
             pytest.skip(f"liger_kernel not importable: {exc!r}")
         return liger
-    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
-    reason = registry.unavailable_reason(OP, backend, DEV, case.dtype)
-    if reason:
-        pytest.skip(reason)
+    backend = harness.engine_backend(OP, name, DEV, case.dtype)
     if backend == "torch" and DEV.type == "cpu" and case.n * case.v > SLOW_CPU_ELEMENTS \
             and os.environ.get("RLHF_ENGINE_BENCH_SLOW") != "1":
         pytest.skip("the torch reference backend is too slow on the CPU at this size "
@@ -112,18 +107,16 @@ def candidate_fn(name, case):
 
 # Inputs ----------------------------------------------------------------------------
 
-_inputs = {}
-
-
 def inputs(case):
     """(logits, labels) of ``case``, drawn once and kept while its tests run."""
-    if case not in _inputs:
-        _inputs.clear()
-        gen = torch.Generator(DEV).manual_seed(0)
-        logits = torch.randn(case.n, case.v, generator=gen, device=DEV, dtype=case.dtype).mul_(3)
-        labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
-        _inputs[case] = (logits, labels)
-    return _inputs[case]
+    return harness.cached_inputs(case, lambda: _draw(case))
+
+
+def _draw(case):
+    gen = torch.Generator(DEV).manual_seed(0)
+    logits = torch.randn(case.n, case.v, generator=gen, device=DEV, dtype=case.dtype).mul_(3)
+    labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
+    return (logits, labels)
 
 
 def notes(case):

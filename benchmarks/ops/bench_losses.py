@@ -15,14 +15,13 @@ gradient is ever allocated: the floor column shows what that costs.
 pairwise_reward_loss runs on the same inputs flattened into B·T pairs
 (chosen = x, rejected = old); its byte model is not given.
 """
-import os
 from typing import NamedTuple
 
 import pytest
 import torch
 
 import harness
-from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss, registry
+from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss
 
 DEV = harness.device()
 CLIP = 0.2
@@ -103,32 +102,25 @@ def candidate_fn(op, name):
     if name == "compiled":
         harness.skip_if_compile_failed()
         return _compiled[op]
-    backend = name.removeprefix("rlhf_engine[").removesuffix("]")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set: Triton kernels are benchmarked compiled, on a GPU")
-    reason = registry.unavailable_reason(op, backend, DEV, torch.float32)
-    if reason:
-        pytest.skip(reason)
+    backend = harness.engine_backend(op, name, DEV, torch.float32)
     return lambda x, old, target, mask: engine(x, old, target, mask, backend)
 
 
 # Inputs ----------------------------------------------------------------------------
 
-_inputs = {}
-
-
 def inputs(case):
     """(x, old, target, mask) of ``case``, drawn once and kept while its tests run:
     log-prob-like x, old within a few tenths of it, unit targets, 10% padding."""
-    if case not in _inputs:
-        _inputs.clear()
-        gen = torch.Generator(DEV).manual_seed(0)
-        x = -torch.rand(case.b, case.t, generator=gen, device=DEV) * 3
-        old = x + 0.2 * torch.randn(case.b, case.t, generator=gen, device=DEV)
-        target = torch.randn(case.b, case.t, generator=gen, device=DEV)
-        mask = torch.rand(case.b, case.t, generator=gen, device=DEV) > 0.1
-        _inputs[case] = (x, old, target, mask)
-    return _inputs[case]
+    return harness.cached_inputs(case, lambda: _draw(case))
+
+
+def _draw(case):
+    gen = torch.Generator(DEV).manual_seed(0)
+    x = -torch.rand(case.b, case.t, generator=gen, device=DEV) * 3
+    old = x + 0.2 * torch.randn(case.b, case.t, generator=gen, device=DEV)
+    target = torch.randn(case.b, case.t, generator=gen, device=DEV)
+    mask = torch.rand(case.b, case.t, generator=gen, device=DEV) > 0.1
+    return (x, old, target, mask)
 
 
 def notes(op, case):
