@@ -1,0 +1,264 @@
+"""Checkpoints: bit-identical round trips, exact resume, pruning, the
+``latest`` pointer, and a save killed half-way (SIGKILL in a subprocess)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from rlhf_engine.engine import checkpoint
+from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+                                           save_checkpoint)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def same_bits(a, b):
+    """Same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8),
+                            b.detach().cpu().reshape(-1).view(torch.uint8)))
+
+
+def special_values(dtype):
+    x = torch.randn(6, 5).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40])
+    return x
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    big = special_values(torch.float32)
+    tied = torch.randn(3, 4)
+    state = {
+        "f32": big, "bf16": special_values(torch.bfloat16), "i64": torch.arange(-3, 4), "bool": torch.rand(7) > 0.5,
+        "transposed": big.t(), "strided": big[::2, 1::2], "rows": big[2:4], "empty": big[3:3],
+        "tied_a": tied, "tied_b": tied, "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    objects = {"step": 7, "lr": [1e-3, 3e-4], "nested": {"t": torch.ones(2, dtype=torch.bfloat16), "s": "x"},
+               "shape": torch.Size([2, 3]), "none": None, "tuple": (1, 2.0, "three")}
+    path = save_checkpoint(tmp_path, 7, {"policy": state}, objects)
+    assert path == tmp_path / "step-00000007"
+    tensors, loaded = load_checkpoint(path)
+    got = tensors["policy"]
+    assert list(got) == list(state)
+    for key, value in state.items():
+        assert same_bits(got[key], value), key
+    assert got["tied_a"] is got["tied_b"]
+    assert loaded["nested"]["t"].dtype == torch.bfloat16
+    assert {k: v for k, v in loaded.items() if k != "nested"} == {k: v for k, v in objects.items() if k != "nested"}
+
+
+def test_tied_module_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+    model.head.weight = model.emb.weight
+    save_checkpoint(tmp_path, 1, {"policy": model.state_dict()}, {})
+    tensors, _ = load_checkpoint(latest_checkpoint(tmp_path))
+    fresh = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
+    fresh.head.weight = fresh.emb.weight
+    fresh.load_state_dict(tensors["policy"])
+    assert same_bits(fresh.head.weight, model.emb.weight)
+    assert fresh.head.weight is fresh.emb.weight
+
+
+def make_run(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, optimizer
+
+
+def train(model, optimizer, gen, steps):
+    """Steps that draw from every generator: numpy/python for the batch size,
+    ``gen`` for data, the global torch RNG for dropout."""
+    for _ in range(steps):
+        rows = random.randint(3, 6) + int(np.random.randint(0, 3))
+        x = torch.randn(rows, 8, generator=gen)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    random.seed(0)
+    np.random.seed(0)
+    model, optimizer = make_run(seed=0)
+    gen = torch.Generator().manual_seed(1)
+    train(model, optimizer, gen, 3)
+    save_checkpoint(tmp_path, 3, {"policy": model.state_dict()},
+                    {"optim": optimizer.state_dict(), "rng": capture_rng([gen])})
+    train(model, optimizer, gen, 3)
+
+    fresh, fresh_optimizer = make_run(seed=5)  # other weights, other RNG positions
+    other_gen = torch.Generator().manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    tensors, objects = load_checkpoint(latest_checkpoint(tmp_path))
+    fresh.load_state_dict(tensors["policy"])
+    fresh_optimizer.load_state_dict(objects["optim"])
+    restore_rng(objects["rng"], [other_gen])
+    train(fresh, fresh_optimizer, other_gen, 3)
+    for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert same_bits(got, want), name
+
+
+def test_rng_round_trip():
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+
+    def draw():
+        return (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist(),
+                [torch.randn(2, generator=g).tolist() for g in gens],
+                torch.rand(2, device="cuda").tolist() if torch.cuda.is_available() else None)
+
+    np.random.randn()  # leaves a cached Gaussian in numpy's legacy state
+    state = capture_rng(gens)
+    first = draw()
+    assert draw() != first
+    restore_rng(state, gens)
+    assert draw() == first
+    with pytest.raises(ValueError, match="generators"):
+        restore_rng(state, gens[:1])
+
+
+def test_keep_prunes_oldest_but_never_the_new_one(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, {"m": {"w": torch.full((2,), float(step))}}, {"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    # A lower step written last (a resumed run) is kept; the rest down to keep=1 go.
+    save_checkpoint(tmp_path, 2, {"m": {"w": torch.zeros(2)}}, {"step": 2}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_resaving_a_step_replaces_it(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    save_checkpoint(tmp_path, 4, {"m": {"w": torch.zeros(3)}, "old": {"x": torch.ones(1)}}, {"v": 1})
+    path = save_checkpoint(tmp_path, 4, {"m": {"w": torch.ones(3)}}, {"v": 2})
+    tensors, objects = load_checkpoint(path)
+    assert list(tensors) == ["m"] and torch.equal(tensors["m"]["w"], torch.ones(3)) and objects == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000004"]
+    assert sorted(p.name for p in path.iterdir()) == ["m.safetensors", "manifest.json", "objects.pt"]
+
+
+def test_latest_pointer_and_fallback(tmp_path):
+    assert latest_checkpoint(tmp_path / "absent") is None
+    assert latest_checkpoint(tmp_path) is None
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {}, {"step": step}, keep=3)
+    assert (tmp_path / "latest").read_text() == "step-00000003\n"
+    (tmp_path / "latest").write_text("step-00000002\n")  # the pointer wins over a higher step
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    (tmp_path / "step-00000002" / "objects.pt").unlink()  # it now names an incomplete one
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000003"
+    (tmp_path / "latest").unlink()
+    (tmp_path / "step-00000003" / "manifest.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+
+
+def test_stale_tmp_is_ignored_then_cleaned(tmp_path):
+    save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {})
+    # A complete-looking checkpoint left in a temporary folder by a dead process.
+    stale = tmp_path / ".tmp-step-00000009-12345"
+    save_checkpoint(tmp_path / "elsewhere", 9, {"m": {"w": torch.zeros(2)}}, {})
+    os.replace(tmp_path / "elsewhere" / "step-00000009", stale)
+    (tmp_path / ".tmp-latest-12345").write_text("step-00000009\n")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+    save_checkpoint(tmp_path, 2, {"m": {"w": torch.ones(2)}}, {})
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_load_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
+    path = save_checkpoint(tmp_path, 1, {"policy": {"w": torch.ones(4)}}, {})
+    with pytest.raises(ValueError, match="manifest.json"):
+        load_checkpoint(tmp_path)  # the root, not a checkpoint folder
+    with open(path / "policy.safetensors", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match="policy.safetensors has 10 bytes"):
+        load_checkpoint(path)
+    (path / "policy.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"step-00000001: policy.safetensors missing"):
+        load_checkpoint(path)
+
+
+def test_bad_arguments_write_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"objects\['kl'\]\['coef'\] is a float64"):
+        save_checkpoint(tmp_path, 1, {}, {"kl": {"coef": np.float64(0.1)}})
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint(tmp_path, -1, {}, {})
+    with pytest.raises(ValueError, match="keep"):
+        save_checkpoint(tmp_path, 1, {}, {}, keep=0)
+    with pytest.raises(ValueError, match="file name"):
+        save_checkpoint(tmp_path, 1, {"../x": {}}, {})
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_previous_and_no_tmp(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"m": {"w": torch.zeros(2)}}, {"v": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+
+
+# A child process that saves step 2 and SIGKILLs itself at a chosen point.
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from rlhf_engine.engine import checkpoint
+
+    root, point = sys.argv[1], sys.argv[2]
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "after-first-file":
+        fsync = checkpoint._fsync_file
+        checkpoint._fsync_file = lambda path: (fsync(path), die())
+    else:
+        checkpoint._write_latest = die
+    tensors = {"policy": {"w": torch.full((4096,), 2.0)}, "critic": {"v": torch.full((8,), 2.0)}}
+    checkpoint.save_checkpoint(root, 2, tensors, {"step": 2})
+""")
+
+
+@pytest.mark.parametrize("point", ["after-first-file", "before-latest"])
+def test_killed_save_keeps_previous_checkpoint(tmp_path, point):
+    policy, critic = torch.randn(4096), torch.randn(8)
+    save_checkpoint(tmp_path, 1, {"policy": {"w": policy}, "critic": {"v": critic}}, {"step": 1})
+    child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), point], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    if point == "after-first-file":
+        [tmp] = tmp_path.glob(".tmp-step-00000002-*")
+        assert [p.name for p in tmp.iterdir()] == ["policy.safetensors"]
+    else:  # renamed into place, but never named by latest
+        assert (tmp_path / "step-00000002" / "manifest.json").exists()
+
+    path = latest_checkpoint(tmp_path)
+    assert path == tmp_path / "step-00000001"
+    tensors, objects = load_checkpoint(path)
+    assert same_bits(tensors["policy"]["w"], policy) and same_bits(tensors["critic"]["v"], critic)
+    assert objects == {"step": 1}
+
+    # The resumed run writes step 2 again: it replaces the leftover, cleans up.
+    save_checkpoint(tmp_path, 2, {"policy": {"w": policy}}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001", "step-00000002"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1] == {"step": 2}
