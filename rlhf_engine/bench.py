@@ -1,0 +1,81 @@
+"""The end-to-end PPO benchmark: one fixed work definition, timed per phase.
+
+The work (issue #5; TRL's PPO trainer runs the same work beside it):
+a Llama-style policy of size *tiny* (hidden 128, 2 layers, 4 heads, MLP 1024)
+or *small* (hidden 512, 6 layers, 8 heads, MLP 1536); a byte-level tokenizer
+of 450 tokens; a reward model and a critic of the same backbone (the critic
+initialised from the reward model); float32; 8 prompts of exactly 16 tokens;
+exactly 32 new tokens per response (no early stop), temperature 1; k1 KL
+penalty in the reward with coefficient 0.05; GAE with gamma 1, lambda 0.95;
+advantage whitening; 2 PPO epochs x 2 mini-batches of 4 (4 optimizer steps,
+each a forward and backward of policy and critic); AdamW at 3e-6. One warm-up
+iteration is excluded from the measurement.
+
+Reported: ``seconds_per_iteration`` (mean over the measured iterations),
+``phases`` (mean seconds per phase), ``tokens_per_second`` (generated tokens
+per second of a whole iteration), ``rollout_tokens_per_second`` (during
+the rollout phase alone) and ``peak_rss_mib`` (the process's peak resident
+memory over the whole run: building the models, warm-up and measurement).
+"""
+import platform
+import statistics
+
+import torch
+
+from rlhf_engine.engine import EngineConfig, RLHFEngine
+from rlhf_engine.engine.metrics import rss_peak_mib
+from rlhf_engine.models.builders import build_policy, build_reward_model
+from rlhf_engine.models.tokenizer import byte_tokenizer
+
+PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 16, 32
+
+
+def ppo_work_config(**overrides):
+    """The benchmark's :class:`EngineConfig` (overrides for experiments)."""
+    settings = dict(device="cpu", dtype="float32", max_new_tokens=NEW_TOKENS, stop_at_eos=False, temperature=1.0,
+                    kl_in="reward", kl_estimator="k1", kl_coef=0.05, gamma=1.0, lam=0.95, whiten_advantages=True,
+                    ppo_epochs=2, mini_batch_size=4, lr=3e-6, critic_lr=3e-6, critic_init="reward",
+                    old_logprobs="rollout", seed=0)
+    settings.update(overrides)
+    return EngineConfig(**settings)
+
+
+def ppo_work(size, **overrides):
+    """``(engine, prompt_batches)``: the benchmark's engine at ``size`` and an
+    endless source of ``[8, 16]`` prompt-id batches (a fixed seed)."""
+    tokenizer = byte_tokenizer()
+    policy = build_policy(size, tokenizer, seed=0)
+    reward = build_reward_model(size, tokenizer, seed=1)
+    engine = RLHFEngine(policy, tokenizer, ppo_work_config(**overrides), reward_model=reward)
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    generator = torch.Generator().manual_seed(1234)
+
+    def batches():
+        while True:
+            ids = allowed[torch.randint(len(allowed), (PROMPTS, PROMPT_TOKENS), generator=generator)]
+            yield ids, torch.ones_like(ids, dtype=torch.bool)
+
+    return engine, batches()
+
+
+def run_ppo_bench(size, iterations=3, warmup=1, **overrides):
+    """Run the work; returns the report dict described in the module docstring."""
+    engine, batches = ppo_work(size, **overrides)
+    build_peak = rss_peak_mib()
+    warm = [engine.step(next(batches)) for _ in range(warmup)]
+    measured = [engine.step(next(batches)) for _ in range(iterations)]
+    phases = ("rollout", "score", "learn")
+    mean = statistics.fmean
+    return {
+        "size": size,
+        "iterations": iterations,
+        "seconds_per_iteration": mean(m["time/step"] for m in measured),
+        "phases": {p: mean(m[f"time/{p}"] for m in measured) for p in phases},
+        "tokens_per_second": mean(m["tokens_per_second"] for m in measured),
+        "rollout_tokens_per_second": mean(m["rollout_tokens_per_second"] for m in measured),
+        "peak_rss_mib": max([build_peak] + [m["memory/peak_rss_mib"] for m in warm + measured]),
+        "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "config": {k: v for k, v in engine.config.to_dict().items() if v is not None},
+    }

@@ -1,0 +1,497 @@
+"""The lean hybrid engine: policy, reference, reward model and critic on one
+device; each PPO iteration samples, scores and learns on them in turn.
+
+    engine = RLHFEngine(policy, tokenizer, EngineConfig(...), reward_model=rm)
+    for prompts in loader:
+        metrics = engine.step(prompts)          # one PPO iteration
+    engine.save("run/checkpoints")              # atomic; engine.load(...) resumes
+
+:meth:`RLHFEngine.step` reads top to bottom: 1. rollout, 2. score,
+3. advantages, 4. learn, 5. KL control. The math lives in
+:mod:`rlhf_engine.engine.ppo`, the batches in :mod:`rlhf_engine.engine.batch`.
+"""
+import contextlib
+import copy
+import dataclasses
+import functools
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.engine import ppo
+from rlhf_engine.engine.batch import Experience, select
+from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+                                           save_checkpoint)
+from rlhf_engine.engine.config import EngineConfig
+from rlhf_engine.engine.kl_control import KLController
+from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
+from rlhf_engine.engine.offload import OffloadPolicy, Placement
+from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.models.scalar_heads import critic_from, sequence_scores, token_values
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def select_attention(model, device):
+    """flash-attn's kernels when flash-attn is installed and the model is on
+    a GPU, else PyTorch SDPA; returns the implementation's name."""
+    wanted = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != wanted:
+        model.set_attn_implementation(wanted)
+    return wanted
+
+
+def lr_factor(step, *, warmup, total, schedule):
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up
+    over ``warmup`` steps, then constant, linear or cosine decay to 0 at
+    ``total`` (no decay when ``total`` is 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def left_pad(sequences, pad_id):
+    """``list[list[int]]`` -> ``(ids [B, P] int64, mask [B, P] bool)``, left-padded."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = True
+    return ids, mask
+
+
+def _frozen(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _fingerprint(model):
+    """A float64 checksum of a frozen model's parameters (checked on load)."""
+    if model is None:
+        return None
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() for p in model.parameters()))
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class RLHFEngine:
+    """PPO with a per-token KL penalty on four colocated models.
+
+    Args:
+        policy: the HuggingFace causal LM to train (a PEFT model with LoRA
+            adapters works: its reference is then the policy with adapters
+            disabled, not a copy).
+        tokenizer: its tokenizer (pad and EOS ids; encodes string prompts).
+        config: :class:`EngineConfig`.
+        reward_model: ``AutoModelForSequenceClassification`` with one label,
+            or any module returning a scalar per sequence; frozen.
+        ref_model: the frozen reference (default: a frozen copy of ``policy``
+            as given, or the adapter-disabled policy under LoRA).
+        critic: a sequence-classification model used per token (default:
+            built from the reward model or the policy, ``config.critic_init``).
+    """
+
+    def __init__(self, policy, tokenizer, config=None, *, reward_model, ref_model=None, critic=None):
+        self.config = cfg = config or EngineConfig()
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+
+        # Models: the policy and critic train; the reference and reward model are frozen.
+        self.policy = policy
+        self.lora_reference = ref_model is None and hasattr(policy, "disable_adapter")
+        self.ref = None if self.lora_reference else _frozen(ref_model or copy.deepcopy(policy))
+        self.reward = _frozen(reward_model)
+        self.critic = None
+        if cfg.uses_critic:
+            self.critic = critic if critic is not None else critic_from(reward_model if cfg.critic_init == "reward"
+                                                                        else policy)
+        self.attn_implementation = select_attention(policy, self.device)
+        for model in (self.ref, self.reward, self.critic):
+            if model is not None and hasattr(model, "set_attn_implementation"):
+                select_attention(model, self.device)
+        if cfg.gradient_checkpointing:
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    model.gradient_checkpointing_enable()
+
+        modules = {"policy": self.policy, "ref": self.ref, "reward": self.reward, "critic": self.critic}
+        modules = {k: m.to(self.device) for k, m in modules.items() if m is not None}
+
+        # Optimizers, schedules and controllers.
+        self.optimizers = {"policy": self._adamw(self.policy, cfg.lr)}
+        if self.critic is not None:
+            self.optimizers["critic"] = self._adamw(self.critic, cfg.critic_lr)
+        factor = functools.partial(lr_factor, warmup=cfg.lr_warmup_steps, total=cfg.total_steps,
+                                   schedule=cfg.lr_schedule)
+        self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
+        self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_id,
+                                       pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos)
+        self.iteration = 0
+        self.skipped_updates = 0
+
+        # Placement: everything starts on the device; offload moves what a phase does not use.
+        self.placement = Placement(self.device, policy=OffloadPolicy.parse(cfg.offload_policy, enabled=cfg.offload),
+                                   modules=modules,
+                                   optimizers={f"{k}_optim": o for k, o in self.optimizers.items()})
+        self._fingerprints = {"ref": _fingerprint(self.ref), "reward": _fingerprint(self.reward)}
+
+    @classmethod
+    def from_pretrained(cls, policy_path, reward_model_path, config=None, *, critic_path=None, tokenizer_path=None):
+        """Build from HuggingFace model folders or hub names."""
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or policy_path)
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        reward = AutoModelForSequenceClassification.from_pretrained(reward_model_path, num_labels=1,
+                                                                    dtype=torch.float32)
+        critic = (AutoModelForSequenceClassification.from_pretrained(critic_path, num_labels=1, dtype=torch.float32)
+                  if critic_path else None)
+        return cls(policy, tokenizer, config, reward_model=reward, critic=critic)
+
+    def _adamw(self, model, lr):
+        cfg = self.config
+        kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                      weight_decay=cfg.weight_decay)
+        # The fused AdamW is one kernel per step instead of a dozen passes over every state tensor.
+        return torch.optim.AdamW(_trainable(model), fused=True, **kwargs)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
+    # One PPO iteration ---------------------------------------------------------------
+
+    def step(self, prompts, ptx_batch=None):
+        """Run one PPO iteration on ``prompts`` and return its metrics.
+
+        Args:
+            prompts: a list of strings (tokenized as is), a list of token-id
+                lists, or a ``(ids [B, P], mask [B, P])`` left-padded pair.
+            ptx_batch: for PPO-ptx (``config.ptx_coef > 0``), a
+                ``(ids [M, L], attention_mask [M, L], loss_mask [M, L])``
+                batch of pretraining/SFT text; ``loss_mask`` marks the tokens
+                whose log-likelihood is maximised.
+
+        Returns:
+            a flat dict of floats (and ``info/*`` strings): see README.
+        """
+        cfg = self.config
+        recorder = PhaseRecorder(self.device)
+        profiler = self._profiler()
+        start = time.perf_counter()
+        with profiler:
+            # 1. Rollout: the policy samples responses to the prompts.
+            with recorder.phase("rollout"):
+                self.placement.enter("rollout")
+                rollout = self._rollout(prompts)
+            # 2. Score: old and reference log-probs, values, reward-model scores.
+            with recorder.phase("score"):
+                self.placement.enter("score")
+                exp, score_metrics = self._score(rollout)
+                # 3. Advantages: KL-shaped rewards, GAE (or group baselines), whitening.
+                exp = self._advantages(exp)
+            # 4. Learn: PPO epochs over shuffled mini-batches.
+            with recorder.phase("learn"):
+                self.placement.enter("learn")
+                learn_metrics = self._learn(exp, ptx_batch)
+        # 5. KL control, then the iteration's metrics.
+        self.kl.update(score_metrics["kl/k1"], exp.sequences.shape[0])
+        self.iteration += 1
+        elapsed = time.perf_counter() - start
+        generated = score_metrics["response/length_mean"] * exp.sequences.shape[0]
+        metrics = {"iteration": self.iteration, **score_metrics, **learn_metrics, **recorder.metrics,
+                   "time/step": elapsed, "tokens_per_second": generated / elapsed,
+                   "rollout_tokens_per_second": generated / recorder.metrics["time/rollout"],
+                   "kl/coef": self.kl.coef, "lr": self.schedulers["policy"].get_last_lr()[0],
+                   "updates/skipped_total": self.skipped_updates,
+                   "info/attn_implementation": self.attn_implementation}
+        return metrics
+
+    def _profiler(self):
+        if not self.config.profile_dir:
+            return contextlib.nullcontext()
+        path = Path(self.config.profile_dir) / f"step-{self.iteration:08d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        return torch.profiler.profile(activities=activities, profile_memory=True,
+                                      on_trace_ready=lambda p: p.export_chrome_trace(str(path)))
+
+    def _encode(self, prompts):
+        if isinstance(prompts, tuple):
+            ids, mask = prompts
+            return ids.long(), mask.bool()
+        if not len(prompts):
+            raise ValueError("prompts is empty")
+        if isinstance(prompts[0], str):
+            prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt encodes to no tokens")
+        return left_pad(prompts, self.pad_id)
+
+    def _rollout(self, prompts):
+        ids, mask = self._encode(prompts)
+        k = self.config.samples_per_prompt
+        ids, mask = ids.repeat_interleave(k, 0).to(self.device), mask.repeat_interleave(k, 0).to(self.device)
+        with self._autocast():
+            return sample(self.policy, ids, mask, self.sampling, generator=self.sample_generator)
+
+    @torch.no_grad()
+    def _score(self, rollout):
+        cfg = self.config
+        seq, attn, resp, pos = rollout.sequences, rollout.attention_mask, rollout.response_mask, rollout.position_ids
+        with self._autocast():
+            if cfg.old_logprobs == "rollout":
+                old = rollout.sampler_logprobs
+            else:
+                old = causal_lm_logprobs(self.policy, seq, attn, resp, temperature=cfg.temperature,
+                                         position_ids=pos, chunk_size=cfg.logprob_chunk_size)
+            with self._reference() as ref_model:
+                ref = causal_lm_logprobs(ref_model, seq, attn, resp, temperature=cfg.temperature, position_ids=pos,
+                                         chunk_size=cfg.logprob_chunk_size)
+            values = None
+            if self.critic is not None:
+                values = torch.where(resp, token_values(self.critic, seq, attn, pos), 0.0)
+            raw_scores = sequence_scores(self.reward, seq, attn, pos).float()
+            last_values = None
+            if cfg.truncated_response == "bootstrap" and self.critic is not None:
+                last_values = sequence_scores(self.critic, seq, attn, pos).float()
+        scores = ppo.adjust_scores(raw_scores, rollout.finished, last_values, rule=cfg.truncated_response,
+                                   penalty=cfg.truncation_penalty, clip=cfg.score_clip)
+        exp = Experience(**{f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)},
+                         old_logprobs=old, ref_logprobs=ref, values=values, scores=scores)
+        lengths = rollout.response_lengths.float()
+        summary = {
+            "reward/score_mean": raw_scores.mean(), "reward/score_std": raw_scores.std(unbiased=False),
+            "kl/k1": ppo.sequence_kl(old, ref, resp, "k1").mean(),
+            "kl/k3": ppo.sequence_kl(old, ref, resp, "k3").mean(),
+            "response/length_mean": lengths.mean(), "response/finished_fraction": rollout.finished.float().mean(),
+        }
+        if cfg.old_logprobs == "recompute":
+            gap = (rollout.sampler_logprobs - old).abs()
+            summary["rollout/logprob_gap_mean"] = gap.sum() / resp.sum().clamp(min=1)
+            summary["rollout/logprob_gap_max"] = gap.max()
+        names = list(summary)
+        values_host = torch.stack([summary[n].float() for n in names]).tolist()
+        return exp, dict(zip(names, values_host))
+
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference policy: the frozen copy, or the policy with its LoRA adapters disabled."""
+        if self.lora_reference:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield self.ref
+
+    @torch.no_grad()
+    def _advantages(self, exp):
+        cfg = self.config
+        mask = exp.response_mask
+        exp.rewards = ppo.token_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, kl_coef=self.kl.coef,
+                                        estimator=cfg.kl_estimator, kl_in_reward=cfg.kl_in == "reward")
+        if cfg.advantage_estimator == "gae":
+            exp.advantages, exp.returns = ppo.gae_advantages(exp.rewards, exp.values, mask, gamma=cfg.gamma,
+                                                             lam=cfg.lam, whiten=cfg.whiten_advantages)
+        else:
+            exp.advantages, exp.returns = ppo.group_baseline_advantages(exp.rewards.sum(-1), mask,
+                                                                        cfg.samples_per_prompt)
+        return exp
+
+    # Learn ---------------------------------------------------------------------------
+
+    def _learn(self, exp, ptx_batch):
+        cfg = self.config
+        train_policy = self.iteration >= cfg.critic_warmup_iterations
+        stats = WeightedMean()
+        batch = exp.sequences.shape[0]
+        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        applied = skipped = 0
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.train()
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
+            for mini_index in order.split(cfg.mini_batch_size):
+                mini = select(exp, mini_index)
+                normalizer = ppo.loss_normalizer(mini.response_mask, cfg.loss_agg)
+                total_loss = torch.zeros((), device=self.device)
+                # The first mini-batch is scored before any update: its log-probs are the
+                # trainer's view of the sampler's (the gap when old_logprobs="rollout").
+                record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
+                for micro_index in torch.arange(len(mini_index), device=self.device).split(micro):
+                    total_loss = total_loss + self._micro_step(select(mini, micro_index), normalizer, stats,
+                                                               train_policy, record_gap)
+                if train_policy and ptx_batch is not None and cfg.ptx_coef > 0:
+                    total_loss = total_loss + self._ptx_step(ptx_batch, micro, stats)
+                if self._optimizer_step(total_loss, train_policy):
+                    applied += 1
+                else:
+                    skipped += 1
+        self.skipped_updates += skipped
+        for model in (self.policy, self.critic):
+            if model is not None:
+                model.eval()
+        metrics = stats.result()
+        metrics.update({"updates/applied": applied, "updates/skipped": skipped})
+        if self.critic is not None:
+            metrics["value/explained_variance"] = ppo.explained_variance(exp.values, exp.returns,
+                                                                         exp.response_mask).item()
+        return metrics
+
+    def _micro_step(self, part, normalizer, stats, train_policy, record_gap):
+        """Forward and backward of one micro-batch; returns its (detached) loss."""
+        cfg = self.config
+        seq, attn, mask, pos = part.sequences, part.attention_mask, part.response_mask, part.position_ids
+        tokens = mask.sum()
+        loss = torch.zeros((), device=self.device)
+        if train_policy:
+            with self._autocast():
+                logp, entropy = causal_lm_logprobs(self.policy, seq, attn, mask, temperature=cfg.temperature,
+                                                   position_ids=pos, return_entropy=True,
+                                                   chunk_size=cfg.logprob_chunk_size)
+            pg_loss, pg_stats = ops.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask,
+                                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                    dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
+                                                    normalizer=normalizer)
+            policy_loss = pg_loss
+            if cfg.kl_in == "loss":
+                kl = ops.kl_penalty(logp, part.ref_logprobs, estimator=cfg.kl_estimator)
+                policy_loss = policy_loss + self.kl.coef * ppo.masked_agg(kl, mask, cfg.loss_agg, normalizer)
+            policy_loss.backward()
+            loss = loss + policy_loss.detach()
+            stats.add("policy/loss", pg_loss * normalizer / tokens.clamp(min=1), tokens)
+            for name, value in pg_stats.items():
+                stats.add(f"policy/{name}", value, tokens)
+            stats.add("policy/entropy", torch.where(mask, entropy.detach(), 0.0).sum() / tokens.clamp(min=1), tokens)
+            if record_gap:
+                gap = torch.where(mask, (logp.detach() - part.sampler_logprobs).abs(), 0.0)
+                stats.add("rollout/logprob_gap_mean", gap.sum() / tokens.clamp(min=1), tokens)
+        if self.critic is not None:
+            with self._autocast():
+                values = token_values(self.critic, seq, attn, pos)
+            vf_loss, vf_stats = ops.ppo_value_loss(values, part.values, part.returns, mask, clip=cfg.value_clip,
+                                                   agg=cfg.loss_agg, normalizer=normalizer)
+            vf_loss.backward()
+            loss = loss + vf_loss.detach()
+            stats.add("value/loss", vf_loss * normalizer / tokens.clamp(min=1), tokens)
+            stats.add("value/clipfrac", vf_stats["clipfrac"], tokens)
+        return loss
+
+    def _ptx_step(self, ptx_batch, micro, stats):
+        """PPO-ptx: ``ptx_coef`` times the LM loss of the pretraining batch,
+        normalised by its token count (so the micro split does not matter)."""
+        ids, attn, loss_mask = (t.to(self.device) for t in ptx_batch)
+        normalizer = loss_mask.bool()[:, 1:].sum().float().clamp(min=1.0)
+        total = torch.zeros((), device=self.device)
+        for rows in torch.arange(ids.shape[0], device=self.device).split(micro):
+            with self._autocast():
+                logp = causal_lm_logprobs(self.policy, ids[rows], attn[rows], loss_mask[rows],
+                                          chunk_size=self.config.logprob_chunk_size)
+            loss = self.config.ptx_coef * ppo.lm_loss(logp, loss_mask[rows].bool(), normalizer)
+            loss.backward()
+            total = total + loss.detach()
+        stats.add("ptx/loss", total / self.config.ptx_coef, 1)
+        return total
+
+    def _optimizer_step(self, total_loss, train_policy):
+        """Clip and step the trained models' optimizers, unless the loss or a
+        gradient is not finite: then the gradients are dropped and nothing
+        changes. Returns whether the update was applied (one host sync)."""
+        cfg = self.config
+        models = {"policy": self.policy, "critic": self.critic}
+        trained = [name for name in self.optimizers if name == "critic" or train_policy]
+        params = {n: [p for p in _trainable(models[n]) if p.grad is not None] for n in trained}
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in params[n]]) for n in trained]
+        checks = torch.stack([total_loss.float(), *(n.float() for n in norms)]).tolist()
+        finite = all(math.isfinite(v) for v in checks)
+        for name, norm in zip(trained, checks[1:]):
+            if finite:
+                # Scaling only when the norm exceeds the bound saves a pass over every gradient.
+                if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+                    torch.nn.utils.clip_grads_with_norm_(params[name], cfg.max_grad_norm,
+                                                         torch.tensor(norm, device=self.device))
+                self.optimizers[name].step()
+                self.schedulers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+        if not train_policy:
+            self.optimizers["policy"].zero_grad(set_to_none=True)
+        return finite
+
+    # Checkpoints ---------------------------------------------------------------------
+
+    def state(self, extra=None):
+        """``(tensors, objects)``: everything :meth:`load` needs to continue exactly."""
+        tensors = {"policy": self.policy.state_dict()}
+        if self.critic is not None:
+            tensors["critic"] = self.critic.state_dict()
+        objects = {
+            "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "skipped_updates": self.skipped_updates,
+            "config": self.config.to_dict(), "kl": self.kl.state_dict(), "fingerprints": self._fingerprints,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "rng": capture_rng([self.sample_generator, self.shuffle_generator]), "extra": extra,
+        }
+        return tensors, objects
+
+    def save(self, directory, extra=None, keep=2):
+        """Write a checkpoint atomically under ``directory`` (a crash mid-write
+        leaves the previous one intact); ``extra`` is the caller's own state
+        (e.g. its data position), returned by :meth:`load`. Returns the path."""
+        tensors, objects = self.state(extra)
+        return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)
+
+    def load(self, directory):
+        """Restore the latest complete checkpoint under ``directory`` (or the
+        checkpoint folder itself) into this engine, built with the same
+        models and config; returns the ``extra`` it was saved with."""
+        directory = Path(directory)
+        path = directory if (directory / "manifest.json").exists() else latest_checkpoint(directory)
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {directory}")
+        tensors, objects = load_checkpoint(path)
+        if objects.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {objects.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        for name, saved in objects["fingerprints"].items():
+            now = self._fingerprints[name]
+            if saved != now:
+                raise ValueError(f"{path}: the {name} model differs from the one the checkpoint was saved with "
+                                 f"(checksum {now!r} vs {saved!r}); build the engine with the same frozen models")
+        self.policy.load_state_dict(tensors["policy"])
+        if self.critic is not None:
+            self.critic.load_state_dict(tensors["critic"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(objects["optimizers"][name])
+            self.schedulers[name].load_state_dict(objects["schedulers"][name])
+        self.kl.load_state_dict(objects["kl"])
+        restore_rng(objects["rng"], [self.sample_generator, self.shuffle_generator])
+        self.iteration = objects["iteration"]
+        self.skipped_updates = objects["skipped_updates"]
+        return objects["extra"]

@@ -1,0 +1,91 @@
+"""Per-phase time and peak memory, cheap enough to record every iteration.
+
+On CUDA the peak is the caching allocator's high-water mark of the phase
+(``torch.cuda.max_memory_allocated`` after a reset). On the CPU it is the
+process's peak resident set size during the phase: Linux keeps it as
+``VmHWM`` and lets a process reset it (writing ``5`` to
+``/proc/self/clear_refs``); where that is not possible the process's
+lifetime peak (``getrusage``) is reported instead."""
+import contextlib
+import resource
+import sys
+import time
+
+import torch
+
+MIB = 2.0**20
+
+
+def _reset_rss_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_peak_mib():
+    """The process's peak resident set size (MiB) since the last reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / MIB if sys.platform == "darwin" else peak * 1024 / MIB
+
+
+class PhaseRecorder:
+    """Collects ``time/<phase>`` (seconds) and ``memory/<phase>`` (peak MiB)
+    for the phases of one iteration, plus ``memory/peak_rss_mib`` (the
+    largest CPU peak of the iteration)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.metrics = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_rss_peak()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.metrics[f"time/{name}"] = time.perf_counter() - start
+        rss = rss_peak_mib()
+        self.metrics["memory/peak_rss_mib"] = max(self.metrics.get("memory/peak_rss_mib", 0.0), rss)
+        if self.device.type == "cuda":
+            self.metrics[f"memory/{name}_mib"] = torch.cuda.max_memory_allocated(self.device) / MIB
+        else:
+            self.metrics[f"memory/{name}_mib"] = rss
+
+
+class WeightedMean:
+    """Token-weighted means of 0-d device tensors, read on the host once.
+
+    Stats of micro-batches are means over their own valid tokens; weighting
+    each by its token count gives the mini-batch's mean, whatever the split."""
+
+    def __init__(self):
+        self.sums, self.weights = {}, {}
+
+    def add(self, name, value, weight):
+        value = value.detach().float() * weight
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.weights[name] = self.weights.get(name, 0) + weight
+
+    def result(self, prefix=""):
+        """``{prefix + name: float}`` (one host sync for all of them)."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        totals = torch.stack([self.sums[n] / torch.as_tensor(self.weights[n]).clamp(min=1) for n in names])
+        return {prefix + n: v for n, v in zip(names, totals.tolist())}

@@ -1,0 +1,91 @@
+"""The PPO math of one iteration as small pure functions on ``[B, T]``
+tensors (layout in :mod:`rlhf_engine.engine.batch`). Every per-token
+quantity goes through :mod:`rlhf_engine.ops`; nothing here touches models."""
+import torch
+
+from rlhf_engine import ops
+
+
+def adjust_scores(scores, finished, last_values, *, rule, penalty, clip):
+    """Reward-model scores ``[B]`` after the truncated-response rule.
+
+    ``finished`` ``[B]`` bool (ended with EOS); ``last_values`` ``[B]`` the
+    critic's value of the state after the last sampled token (used by
+    ``rule="bootstrap"``, may be None otherwise). ``rule``: "as_is",
+    "penalty" (score replaced by ``penalty``) or "bootstrap" (the value added:
+    the return the truncated episode would have had). ``clip``: None or a
+    bound on ``|score|`` applied first."""
+    scores = scores.float()
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    if rule == "penalty":
+        scores = torch.where(finished, scores, torch.full_like(scores, penalty))
+    elif rule == "bootstrap":
+        scores = torch.where(finished, scores, scores + last_values.float())
+    return scores
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, kl_in_reward):
+    """``[B, T]`` per-token rewards: the score at each row's last response
+    token, minus ``kl_coef`` times the per-token KL when the KL penalty lives
+    in the reward (InstructGPT)."""
+    return ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask,
+                                 kl_coef=kl_coef if kl_in_reward else 0.0, estimator=estimator)
+
+
+def gae_advantages(rewards, values, mask, *, gamma, lam, whiten):
+    """``(advantages, returns)`` ``[B, T]`` by GAE; the advantages whitened
+    over the batch's response tokens when ``whiten`` (returns are not: they
+    are the critic's targets)."""
+    advantages, returns = ops.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if whiten:
+        advantages = ops.masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+def group_baseline_advantages(scores, mask, group_size):
+    """``(advantages, returns)`` ``[B, T]`` from group baselines: each
+    sequence's score relative to the other samples of its prompt (rows
+    ``g * group_size ... (g + 1) * group_size - 1`` share a prompt), given to
+    every response token. There is no critic, so ``returns`` is the same."""
+    per_sequence = ops.group_advantages(scores, group_size)
+    advantages = torch.where(mask, per_sequence[:, None], 0.0)
+    return advantages, advantages
+
+
+def sequence_kl(logprobs, ref_logprobs, mask, estimator):
+    """``[B]`` summed per-token KL estimate of each response."""
+    kl = ops.kl_penalty(logprobs, ref_logprobs, estimator=estimator)
+    return torch.where(mask, kl, 0.0).sum(-1)
+
+
+def loss_normalizer(mask, agg):
+    """The divisor that makes micro-batch losses sum to their mini-batch's
+    loss: valid tokens (token-mean) or rows with a valid token (seq-mean-*),
+    as a 0-d float32 tensor (never read on the host)."""
+    mask = mask.bool()
+    count = mask.sum() if agg == "token-mean" else mask.any(-1).sum()
+    return count.float().clamp(min=1.0)
+
+
+def masked_agg(x, mask, agg, normalizer):
+    """``agg`` of ``x`` ``[B, T]`` over ``mask``, divided by ``normalizer``
+    (the :func:`loss_normalizer` of the whole mini-batch); differentiable."""
+    x = torch.where(mask, x, 0.0)
+    if agg in ("token-mean", "seq-mean-token-sum"):
+        return x.sum() / normalizer
+    tokens = mask.sum(-1).clamp(min=1)
+    return (x.sum(-1) / tokens).sum() / normalizer
+
+
+def lm_loss(logprobs, mask, normalizer):
+    """PPO-ptx language-modelling loss: ``-sum(logprobs * mask) / normalizer``."""
+    return -torch.where(mask, logprobs, 0.0).sum() / normalizer
+
+
+def explained_variance(values, returns, mask):
+    """``1 - Var(returns - values) / Var(returns)`` over the masked tokens (0-d)."""
+    mask = mask.bool()
+    ret, val = returns[mask].double(), values[mask].double()
+    var = ret.var(unbiased=False)
+    return (1.0 - (ret - val).var(unbiased=False) / var).float() if ret.numel() > 1 else torch.zeros(())
