@@ -257,3 +257,17 @@ def test_offload_on_gpu_keeps_results_and_frees_idle_models():
     for name, value in results[False][1].items():
         assert torch.equal(value, results[True][1][name]), name
     assert results[False][0] == results[True][0]
+
+
+def test_from_pretrained_folders(tmp_path):
+    from rlhf_engine.models.builders import build_policy, build_reward_model
+    from rlhf_engine.models.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer(vocab_size=300)
+    build_policy("tiny", tokenizer, num_hidden_layers=1).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    build_reward_model("tiny", tokenizer, num_hidden_layers=1).save_pretrained(tmp_path / "rm")
+    engine = RLHFEngine.from_pretrained(tmp_path / "policy", tmp_path / "rm",
+                                        EngineConfig(max_new_tokens=4, mini_batch_size=2))
+    metrics = engine.step(["reverse: abc", "sort: cba"])
+    assert metrics["updates/applied"] == 1 and metrics["response/length_mean"] > 0
