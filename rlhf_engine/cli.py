@@ -1,0 +1,192 @@
+"""The ``rlhf-engine`` command.
+
+    rlhf-engine pipeline [--out DIR]     the built-in task end to end: SFT -> reward model -> PPO -> report
+    rlhf-engine sft|rm|ppo ...           one stage on your data (JSONL) and models (HuggingFace folders)
+    rlhf-engine eval ...                 win rate of one policy over another
+    rlhf-engine bench ppo                end-to-end benchmark
+
+``rlhf-engine COMMAND --help`` lists a command's options and defaults.
+Options come from the defaults, then ``--config FILE`` (YAML or JSON), then
+the flags (flags win). Every command writes a run folder (``--out``);
+Ctrl-C saves a checkpoint and exits with status 130; ``--resume`` continues.
+Bad data or options exit with status 2 and a message naming the file, line
+and field.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+
+def _bench(args):
+    from rlhf_engine.bench import run_ppo_bench
+
+    report = run_ppo_bench(args.size, iterations=args.iterations, warmup=args.warmup)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A command whose options are dataclasses: ``types()`` (RunOptions
+    first); ``handler()`` returns ``run(run, *configs) -> result``, where
+    ``configs`` are the parsed options after RunOptions, or the one object
+    ``prepare()(*options)`` makes of them. ``defaults`` and ``presets()``:
+    see :func:`rlhf_engine.pipeline.config.parse_command`."""
+
+    help: str
+    types: Callable[[], tuple]
+    handler: Callable[[], Callable]
+    prepare: Optional[Callable[[], Callable]] = None
+    defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    presets: Callable[[], Mapping[str, Tuple[str, Mapping]]] = dict
+
+
+# Imports stay inside the lambdas: `rlhf-engine bench` and `--help` do not pay for what they do not use.
+def _sft_types():
+    from rlhf_engine.pipeline.config import RunOptions, SFTData
+    from rlhf_engine.pipeline.sft import SFTConfig
+
+    return RunOptions, SFTData, SFTConfig
+
+
+def _rm_types():
+    from rlhf_engine.pipeline.config import RMData, RunOptions
+    from rlhf_engine.pipeline.reward import RMConfig
+
+    return RunOptions, RMData, RMConfig
+
+
+def _ppo_types():
+    from rlhf_engine.engine import EngineConfig
+    from rlhf_engine.pipeline.config import PPOData, RunOptions
+    from rlhf_engine.pipeline.ppo_stage import PPOStageConfig
+
+    return RunOptions, PPOData, PPOStageConfig, EngineConfig
+
+
+def _eval_types():
+    from rlhf_engine.pipeline.config import EvalOptions, RunOptions
+
+    return RunOptions, EvalOptions
+
+
+def _pipeline_types():
+    from rlhf_engine.pipeline import builtin
+    from rlhf_engine.pipeline.config import RunOptions
+
+    return (RunOptions, *builtin.OPTION_TYPES)
+
+
+def _pipeline_presets():
+    from rlhf_engine.pipeline import builtin
+
+    return {"quick": ("A smoke test of every stage in seconds: tiny data and a few steps (overrides the defaults; "
+                      "--config and flags still win). Its numbers mean nothing.", builtin.QUICK)}
+
+
+def _handler(module, name):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    return load
+
+
+COMMANDS: Dict[str, Command] = {
+    "sft": Command("Supervised fine-tuning on demonstrations.", _sft_types,
+                   _handler("rlhf_engine.pipeline.run", "run_sft_command")),
+    "rm": Command("Reward model from comparisons and rankings.", _rm_types,
+                  _handler("rlhf_engine.pipeline.run", "run_rm_command")),
+    "ppo": Command("PPO of an SFT model against a reward model.", _ppo_types,
+                   _handler("rlhf_engine.pipeline.ppo_stage", "run_ppo_command")),
+    "pipeline": Command("The built-in task end to end (SFT -> RM -> PPO -> evaluation -> report); no download.",
+                        _pipeline_types, _handler("rlhf_engine.pipeline.builtin", "run_pipeline"),
+                        prepare=_handler("rlhf_engine.pipeline.builtin", "stage_configs"),
+                        defaults={"threads": 1}, presets=_pipeline_presets),
+    "eval": Command("Win rate of one policy over another, judged by a reward model or the gold judge.",
+                    _eval_types, _handler("rlhf_engine.pipeline.run", "run_eval_command")),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="rlhf-engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        # the command's own parser (rlhf_engine.pipeline.config) reads its options
+        commands.add_parser(name, help=command.help, add_help=False)
+    bench = commands.add_parser("bench", help="End-to-end benchmarks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("work", choices=["ppo"], help="What to benchmark: one PPO iteration (rlhf_engine.bench).")
+    bench.add_argument("--size", choices=["tiny", "small"], default="tiny", help="Model size of the work.")
+    bench.add_argument("--iterations", type=int, default=3, help="Measured iterations (after the warm-up).")
+    bench.add_argument("--warmup", type=int, default=1, help="Warm-up iterations, not measured.")
+    bench.add_argument("--json", default=None, help="Write the report here as JSON.")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _error(name: str, message: str) -> int:
+    print(f"rlhf-engine {name}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_command(name: str, argv) -> int:
+    """Parse ``argv`` for command ``name``, run it in its run folder and
+    print its result as JSON; returns the exit status (0, 2 on bad data or
+    options, 130 on Ctrl-C)."""
+    from rlhf_engine.pipeline.config import parse_command
+    from rlhf_engine.pipeline.data import DataError
+    from rlhf_engine.pipeline.run import Interrupted, Run, UsageError
+
+    command = COMMANDS[name]
+    try:
+        (run_options, *options), resolved = parse_command(
+            command.types(), argv, prog=f"rlhf-engine {name}", description=command.help,
+            command_defaults=command.defaults, presets=command.presets())
+        configs = (command.prepare()(*options),) if command.prepare else tuple(options)
+    except ValueError as exc:
+        return _error(name, str(exc))
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own bars (loading, saving weights) would bury ours
+    if run_options.threads:
+        torch.set_num_threads(run_options.threads)
+    out = run_options.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resume_hint = f"resume with: rlhf-engine {name} --out {out} --resume"
+    try:
+        with Run(out, name, resolved, resume=run_options.resume) as run:
+            result = command.handler()(run, *configs)
+    except (DataError, UsageError) as exc:
+        return _error(name, str(exc))
+    except Interrupted as exc:
+        print(f"rlhf-engine {name}: {exc}; {resume_hint}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"rlhf-engine {name}: interrupted; finished stages are kept in {out}; {resume_hint}", file=sys.stderr)
+        return 130
+    print(json.dumps({key: value for key, value in result.items() if key != "examples"}, indent=2))
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in COMMANDS:
+        return run_command(args.command, rest)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The built-in pipeline: the synthetic task of :mod:`rlhf_engine.pipeline.task`
+run end to end on a laptop CPU, the InstructGPT recipe in miniature.
+
+1. **data**: demonstrations by the gold solver (a fraction imperfect),
+   rankings by a simulated annotator, PPO prompts, held-out prompts and
+   held-out comparisons labelled by the gold judge, as JSONL in ``data/``;
+2. a byte-level tokenizer of the task's template words (the task's letters
+   and digits stay one token each) and a small Llama built locally;
+3. **SFT** on the demonstrations;
+4. **reward model** from the SFT model, on the rankings;
+5. **PPO** against the reward model with a per-token KL penalty to the SFT
+   model, the critic initialised from the reward model;
+6. a second, short **PPO without the KL penalty** (kl_coef 0) from the SFT
+   model, to show over-optimisation;
+7. **evaluation**: the gold judge's win rate of PPO over SFT on the held-out
+   prompts (one sample each, at the PPO sampling temperature), and the KL of
+   the PPO policy to the SFT model there;
+8. the **report** (:mod:`rlhf_engine.pipeline.report`).
+
+Every stage keeps its outputs in the run folder (see
+:mod:`rlhf_engine.pipeline.run`), so ``--resume`` skips what is done.
+"""
+import dataclasses
+import functools
+import json
+import time
+from typing import Dict, List
+
+import torch
+
+from rlhf_engine.engine import EngineConfig, RLHFEngine
+from rlhf_engine.models.builders import SIZES, build_policy
+from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
+from rlhf_engine.models.tokenizer import byte_tokenizer
+from rlhf_engine.pipeline import report, task
+from rlhf_engine.pipeline.config import prefixed, unprefixed
+from rlhf_engine.pipeline.data import PLAIN_SEPARATOR, Comparison, encode_prompt, read_jsonl, write_jsonl
+from rlhf_engine.pipeline.evaluate import generate_responses, judge_gold, judge_reward_model, win_rate
+from rlhf_engine.pipeline.ppo_stage import PolicyProbe, PPOStageConfig, train_ppo
+from rlhf_engine.pipeline.reward import RMConfig, train_reward_model
+from rlhf_engine.pipeline.run import Run, load_causal_lm, load_reward_model, process_seconds, train_stage
+from rlhf_engine.pipeline.sft import SFTConfig, train_sft
+from rlhf_engine.pipeline.training import option
+
+DATA_FILES = {"demonstrations": "demonstrations.jsonl", "rankings": "rankings.jsonl", "prompts": "prompts.jsonl",
+              "heldout_prompts": "heldout_prompts.jsonl", "probe_prompts": "probe_prompts.jsonl",
+              "rm_eval": "rm_eval_comparisons.jsonl"}
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """The built-in task's data, model and evaluation."""
+
+    data_seed: int = option(0, "Seed of the generated data (each file draws from its own seed derived from it).")
+    demonstrations: int = option(20000, "Demonstrations for SFT.")
+    demo_noise: float = option(0.5, "Fraction of the demonstrations that are imperfect (the gold answer after "
+                                    "1 or 2 random edits): SFT learns their slips, PPO against the reward model "
+                                    "removes them.")
+    rankings: int = option(4000, "Rankings for the reward model.")
+    ranking_size: int = option(4, "Responses per ranking (K: K(K-1)/2 pairs each).")
+    annotator_beta: float = option(30.0, "How consistently the simulated annotators follow the gold score "
+                                         "(Plackett-Luce/Bradley-Terry inverse temperature; 0: at random).")
+    prompts: int = option(8192, "PPO training prompts.")
+    heldout_prompts: int = option(1000, "Held-out prompts of the final PPO-versus-SFT evaluation.")
+    probe_prompts: int = option(128, "Prompts on which the PPO runs are probed (gold score, reward-model score, "
+                                     "KL) every ppo_eval_every iterations.")
+    rm_eval_comparisons: int = option(500, "Held-out comparisons labelled by the gold judge, for the reward "
+                                            "model's accuracy.")
+    policy_size: str = option("tiny", f"Size of the Llama policy built locally: one of {sorted(SIZES)}.")
+    policy_layers: int = option(4, "Layers of the policy (overrides the size's; 0: the size's own).")
+    policy_intermediate_size: int = option(512, "MLP width of the policy (overrides the size's; 0: the size's own).")
+    vocab_size: int = option(300, "Most tokens of the byte-level tokenizer (special tokens + 256 bytes + merges "
+                                  "of the task's template words).")
+    model_seed: int = option(0, "Seed of the policy's and the reward head's initialisation.")
+    nokl_iterations: int = option(40, "Iterations of the PPO run without KL penalty (0: skip it).")
+    nokl_lr: float = option(1e-4, "Policy learning rate of the PPO run without KL penalty.")
+    kl_bound: float = option(2.0, "The most mean KL (nats per response) of the PPO policy to the SFT model on the "
+                                  "held-out prompts that the report accepts.")
+    eval_batch_size: int = option(128, "Prompts sampled at once in evaluation.")
+
+    def __post_init__(self):
+        if self.policy_size not in SIZES:
+            raise ValueError(f"policy_size must be one of {sorted(SIZES)}, got {self.policy_size!r}")
+        for name in ("demonstrations", "rankings", "prompts", "heldout_prompts", "probe_prompts",
+                     "rm_eval_comparisons", "eval_batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("data_seed", "model_seed", "nokl_iterations", "policy_layers", "policy_intermediate_size"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("ranking_size", self.ranking_size, 2)
+        for name in ("demo_noise", "annotator_beta", "nokl_lr", "kl_bound"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+# The stages' defaults for the built-in task (the flags' defaults in `rlhf-engine pipeline --help`).
+SFT_DEFAULTS = dict(max_steps=800, batch_size=32, lr=1e-3, eval_every=200, eval_fraction=0.02, save_every=200)
+RM_DEFAULTS = dict(max_steps=300, batch_size=32, lr=3e-4, eval_every=100, save_every=100)
+PPO_STAGE_DEFAULTS = dict(prompts_per_iteration=64, iterations=100, save_every=25, eval_every=10)
+ENGINE_DEFAULTS = dict(device="cpu", max_new_tokens=10, temperature=1.0, kl_coef=0.2, lr=1e-4, critic_lr=5e-5,
+                       ppo_epochs=2, mini_batch_size=32, seed=0)
+
+SFTOptions = prefixed(SFTConfig, "sft_", "SFTOptions", **SFT_DEFAULTS)
+RMOptions = prefixed(RMConfig, "rm_", "RMOptions", **RM_DEFAULTS)
+PPOOptions = prefixed(PPOStageConfig, "ppo_", "PPOOptions", **PPO_STAGE_DEFAULTS)
+EngineOptions = prefixed(EngineConfig, "ppo_", "EngineOptions", **ENGINE_DEFAULTS)
+OPTION_TYPES = (TaskConfig, SFTOptions, RMOptions, PPOOptions, EngineOptions)
+
+# `--quick`: a smoke test of every stage in seconds (tiny data, a few steps); its results mean nothing.
+QUICK = dict(demonstrations=64, rankings=32, ranking_size=3, prompts=32, heldout_prompts=16, probe_prompts=8,
+             rm_eval_comparisons=16, nokl_iterations=2, eval_batch_size=16,
+             sft_max_steps=4, sft_batch_size=8, sft_eval_every=2, sft_save_every=0,
+             rm_max_steps=3, rm_batch_size=8, rm_eval_every=0, rm_save_every=0,
+             ppo_prompts_per_iteration=8, ppo_iterations=3, ppo_save_every=0, ppo_eval_every=2,
+             ppo_max_new_tokens=6, ppo_mini_batch_size=8)
+
+
+@dataclasses.dataclass
+class StageConfigs:
+    """The built-in pipeline's options, split per stage."""
+
+    task: TaskConfig
+    sft: SFTConfig
+    rm: RMConfig
+    ppo: PPOStageConfig
+    engine: EngineConfig
+
+
+
+def stage_configs(task_config: TaskConfig, sft, rm, ppo, engine) -> StageConfigs:
+    """The stages' configs from the parsed options (:data:`OPTION_TYPES`
+    instances); raises ValueError naming a bad option."""
+    return StageConfigs(task_config, unprefixed(sft, SFTConfig, "sft_"), unprefixed(rm, RMConfig, "rm_"),
+                        unprefixed(ppo, PPOStageConfig, "ppo_"), unprefixed(engine, EngineConfig, "ppo_"))
+
+
+# -- data and models ------------------------------------------------------------------
+
+def task_tokenizer(vocab_size: int):
+    """The byte-level tokenizer of the task: merges learnt only from the
+    template words (family names, the answer separator), so that every
+    letter and digit of a task word stays one token."""
+    return byte_tokenizer([f"{family}: {PLAIN_SEPARATOR}" for family in task.FAMILIES], vocab_size)
+
+
+def gold_labelled(comparisons: List[Comparison]) -> List[Comparison]:
+    """``comparisons`` with ``chosen`` the response the gold judge scores
+    higher (the task's comparisons never tie)."""
+    return [c if task.gold_score(c.prompt, c.chosen) > task.gold_score(c.prompt, c.rejected)
+            else Comparison(c.prompt, c.rejected, c.chosen) for c in comparisons]
+
+
+def write_task_data(run: Run, cfg: TaskConfig) -> Dict[str, list]:
+    """Generate the task's data files into ``data/`` (once: a resumed run
+    reads them back) and return their records by name."""
+    folder = run.stage_dir("data")
+    paths = {name: folder / file for name, file in DATA_FILES.items()}
+    kinds = {"demonstrations": "demonstrations", "rankings": "rankings", "rm_eval": "comparisons"}
+    if run.result("data") is None:
+        seed = cfg.data_seed * 100  # each file its own seed, so that no two sets share prompts by construction
+        records = {
+            "demonstrations": task.make_demonstrations(cfg.demonstrations, seed + 1, noise=cfg.demo_noise),
+            "rankings": task.make_rankings(cfg.rankings, cfg.ranking_size, seed + 2, beta=cfg.annotator_beta),
+            "prompts": task.make_prompts(cfg.prompts, seed + 3),
+            "heldout_prompts": task.make_prompts(cfg.heldout_prompts, seed + 4),
+            "probe_prompts": task.make_prompts(cfg.probe_prompts, seed + 5),
+            "rm_eval": gold_labelled(task.make_comparisons(cfg.rm_eval_comparisons, seed + 6,
+                                                           beta=cfg.annotator_beta)),
+        }
+        for name, items in records.items():
+            write_jsonl(paths[name], items)
+        run.finish("data", {name: len(items) for name, items in records.items()})
+    return {name: read_jsonl(path, kinds.get(name, "prompts")) for name, path in paths.items()}
+
+
+def _load_lm(path):
+    return load_causal_lm(str(path))[0]
+
+
+# -- the pipeline -------------------------------------------------------------------------
+
+def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
+    """Run every stage of the built-in pipeline in ``run`` (skipping the
+    finished ones), write the report, and return the summary."""
+    began = time.perf_counter()
+    cfg = configs.task
+    data = write_task_data(run, cfg)
+    tokenizer = task_tokenizer(cfg.vocab_size)
+    overrides = {name: value for name, value in (("num_hidden_layers", cfg.policy_layers),
+                                                 ("intermediate_size", cfg.policy_intermediate_size)) if value}
+    policy = build_policy(cfg.policy_size, tokenizer, seed=cfg.model_seed, **overrides)
+    run.log(f"policy: Llama '{cfg.policy_size}' {overrides}, {sum(p.numel() for p in policy.parameters()):,} "
+            f"parameters, vocabulary {len(tokenizer)}")
+    train_stage(run, "sft", policy, tokenizer, train_sft, data["demonstrations"], None, configs.sft)
+    sft_model = _load_lm(run.model_dir("sft"))
+
+    reward_model = reward_model_from_causal_lm(sft_model, seed=cfg.model_seed)
+    rm_result = train_stage(run, "rm", reward_model, tokenizer, train_reward_model, data["rankings"],
+                            data["rm_eval"], configs.rm, postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
+    reward_model = load_reward_model(str(run.model_dir("rm")))
+
+    judge_rm = functools.partial(judge_reward_model, reward_model, tokenizer, batch_size=cfg.eval_batch_size)
+    engine_cfg = configs.engine
+    probe = PolicyProbe(tokenizer, [p.prompt for p in data["probe_prompts"]], {"gold": judge_gold, "reward": judge_rm},
+                        sft_model, max_new_tokens=engine_cfg.max_new_tokens, temperature=engine_cfg.temperature,
+                        seed=cfg.data_seed, batch_size=cfg.eval_batch_size)
+    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in data["prompts"]]
+    ppo_result = _ppo(run, "ppo", sft_model, reward_model, tokenizer, engine_cfg, configs.ppo, prompt_ids, probe)
+    if cfg.nokl_iterations:
+        nokl_cfg = dataclasses.replace(engine_cfg, kl_coef=0.0, kl_target=None, lr=cfg.nokl_lr)
+        _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_cfg,
+             dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe)
+
+    evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, sft_model, _load_lm(run.model_dir("ppo")),
+                                  [p.prompt for p in data["heldout_prompts"]])
+    summary = {
+        "rm_accuracy": rm_result["eval_accuracy"],
+        **{key: evaluation[key] for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "wins", "ties",
+                                            "losses", "win_n", "sft_gold", "ppo_gold", "mean_kl")},
+        "kl_bound": cfg.kl_bound,
+        "ppo_train_kl_mean": ppo_result["kl_mean"],
+        "nokl": _nokl_summary(run) if cfg.nokl_iterations else {},
+        "wall_seconds": process_seconds(began),
+        "resumed": run.resume,
+        "torch_threads": torch.get_num_threads(),
+    }
+    path = report.write_report(run.folder, summary, evaluation["examples"])
+    run.log(f"report: {path}")
+    return summary
+
+
+def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe):
+    """One PPO stage from the SFT model (policy = a trainable copy, reference
+    = the SFT model itself, critic from the reward model)."""
+    done = run.skip_if_done(stage)
+    if done is not None:
+        return done
+    policy = _load_lm(run.model_dir("sft"))
+    engine = RLHFEngine(policy, tokenizer, engine_cfg, reward_model=reward_model, ref_model=sft_model)
+    return train_ppo(run, stage, engine, prompt_ids, stage_cfg, probe=probe)
+
+
+def evaluate_builtin(run: Run, cfg: TaskConfig, engine_cfg: EngineConfig, tokenizer, sft_model, ppo_model,
+                     prompts: List[str]) -> Dict:
+    """The gold judge's win rate of PPO over SFT on ``prompts`` and the PPO
+    policy's KL to the SFT model there; written to ``eval/`` (result and
+    every response)."""
+    done = run.skip_if_done("eval")
+    if done is not None:
+        return done
+    sampling = dict(max_new_tokens=engine_cfg.max_new_tokens, temperature=engine_cfg.temperature,
+                    seed=cfg.data_seed + 1, batch_size=cfg.eval_batch_size)
+    # one sample per prompt from each policy, drawn alike (same sampler, seed and batches)
+    ppo_responses, kls = PolicyProbe(tokenizer, prompts, {}, sft_model, **sampling).sample(ppo_model)
+    sft_responses = generate_responses(sft_model, tokenizer, prompts, **sampling)
+    ppo_gold, sft_gold = judge_gold(prompts, ppo_responses), judge_gold(prompts, sft_responses)
+    rate = win_rate(ppo_gold, sft_gold)
+    rows = [dict(prompt=p, sft=s, sft_gold=sg, ppo=q, ppo_gold=qg, ppo_kl=kl)
+            for p, s, sg, q, qg, kl in zip(prompts, sft_responses, sft_gold, ppo_responses, ppo_gold, kls)]
+    with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    examples = [{key: value for key, value in row.items() if key != "ppo_kl"} for row in rows[:8]]
+    result = {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high, "wins": rate.wins,
+              "ties": rate.ties, "losses": rate.losses, "win_n": rate.n,
+              "sft_gold": sum(sft_gold) / rate.n, "ppo_gold": sum(ppo_gold) / rate.n,
+              "mean_kl": sum(kls) / len(kls), "examples": examples}
+    run.log(f"eval: PPO over SFT win rate {rate.rate:.3f} [{rate.low:.3f}, {rate.high:.3f}] on {rate.n} held-out "
+            f"prompts; mean KL {result['mean_kl']:.3f}")
+    return run.finish("eval", result)
+
+
+def _nokl_summary(run: Run) -> Dict[str, float]:
+    rows = report.read_metrics(run.folder)
+    _, reward = report.series(rows, "ppo_nokl", "probe/reward")
+    _, gold = report.series(rows, "ppo_nokl", "probe/gold")
+    _, kl = report.series(rows, "ppo_nokl", "probe/kl")
+    if not reward:
+        return {}
+    return {"reward_start": reward[0], "reward_end": reward[-1], "gold_start": gold[0], "gold_end": gold[-1],
+            "kl_end": kl[-1]}

@@ -1,0 +1,247 @@
+"""Command-line configuration: dataclasses parsed by ``transformers.HfArgumentParser``,
+layered so that every value has one documented source.
+
+Precedence, lowest first: the dataclass defaults, a command's own defaults
+(e.g. one torch thread for the built-in pipeline), a preset flag's values
+(``--quick``), the ``--config`` file (YAML or JSON: a flat mapping of option
+names to values, the format of a run folder's ``config.json``), then the
+flags on the command line. ``--resume`` without ``--config`` reads the run
+folder's ``config.json`` as the file layer, so a resumed run keeps its
+options.
+"""
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+from transformers import HfArgumentParser
+
+from rlhf_engine.pipeline.training import option
+
+CONFIG_FILE = "config.json"
+# Flags about this invocation only: never written to config.json, never read from it.
+INVOCATION_ONLY = ("config", "resume")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """Where a command writes its run folder and how it uses the machine."""
+
+    out: str = option("", "Run folder: config.json, metrics.jsonl, TensorBoard events (tb/), log.txt, checkpoints "
+                          "and model folders (default: runs/<command>-<date>-<time>).")
+    resume: bool = option(False, "Continue the run in --out from its checkpoints (options come from its config.json "
+                                 "unless --config is given; flags still win).")
+    threads: int = option(0, "torch CPU threads (0: torch's default, one per core).")
+
+    def __post_init__(self):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
+
+
+def _required(obj, *names):
+    for name in names:
+        if not getattr(obj, name):
+            raise ValueError(f"--{name} is required")
+
+
+@dataclasses.dataclass
+class SFTData:
+    """What ``rlhf-engine sft`` trains and on which data."""
+
+    model: str = option("tiny", "The causal LM to fine-tune: a HuggingFace model folder (with its tokenizer), or "
+                                "'tiny'/'small' for a new Llama of that size (rlhf_engine.models.builders) with a "
+                                "byte-level tokenizer learnt from the training data.")
+    train_file: str = option("", "Demonstrations JSONL, one {\"prompt\": ..., \"response\": ...} per line.")
+    eval_file: str = option("", "Held-out demonstrations JSONL (default: eval_fraction of train_file).")
+    vocab_size: int = option(450, "Vocabulary of a new model's byte-level tokenizer.")
+    model_seed: int = option(0, "Seed of a new model's initialisation.")
+
+    def __post_init__(self):
+        _required(self, "train_file")
+
+
+@dataclasses.dataclass
+class RMData:
+    """What ``rlhf-engine rm`` trains and on which data."""
+
+    model: str = option("", "The SFT model folder the reward model starts from (its body, and a new scalar head).")
+    comparisons: str = option("", "Comparisons JSONL: {\"prompt\", \"chosen\", \"rejected\"[, \"margin\"]} "
+                                  "per line.")
+    rankings: str = option("", "Rankings JSONL: {\"prompt\", \"responses\": [best, ..., worst]} per line.")
+    eval_comparisons: str = option("", "Held-out comparisons JSONL (with or instead of eval_rankings; default: "
+                                       "eval_fraction of the training records).")
+    eval_rankings: str = option("", "Held-out rankings JSONL.")
+    model_seed: int = option(0, "Seed of the new scalar head's initialisation.")
+
+    def __post_init__(self):
+        _required(self, "model")
+        if not (self.comparisons or self.rankings):
+            raise ValueError("--comparisons or --rankings (or both) is required")
+
+
+@dataclasses.dataclass
+class PPOData:
+    """The models and prompts of ``rlhf-engine ppo``."""
+
+    policy: str = option("", "The SFT model folder: the policy starts from it and it is the frozen reference.")
+    reward_model: str = option("", "The reward model folder (frozen).")
+    critic: str = option("", "A critic model folder (default: initialised from the reward model).")
+    prompts: str = option("", "Prompts JSONL, one {\"prompt\": ...} per line.")
+    eval_prompts: str = option("", "Prompts JSONL on which the policy is probed (reward-model score, KL to the "
+                                   "reference) every eval_every iterations (default: no probe).")
+    gold_judge: bool = option(False, "Also probe with the built-in task's gold judge (for its prompts only).")
+
+    def __post_init__(self):
+        _required(self, "policy", "reward_model", "prompts")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """``rlhf-engine eval``: the win rate of one policy over another."""
+
+    policy_a: str = option("", "Model folder of the policy whose win rate is measured.")
+    policy_b: str = option("", "Model folder of the policy it is compared with.")
+    prompts: str = option("", "Prompts JSONL, one {\"prompt\": ...} per line.")
+    judge: str = option("gold", "'gold' (the built-in task's gold judge, for its prompts) or a reward model folder.")
+    max_new_tokens: int = option(64, "Most tokens sampled per response.")
+    temperature: float = option(1.0, "Sampling temperature (0: greedy).")
+    seed: int = option(0, "Seed of the sampling (the same for both policies).")
+    batch_size: int = option(32, "Prompts sampled at once.")
+
+    def __post_init__(self):
+        _required(self, "policy_a", "policy_b", "prompts")
+
+
+def prefixed(cls, prefix: str, name: Optional[str] = None, **defaults):
+    """A dataclass with one field ``prefix + f`` per field ``f`` of the
+    dataclass ``cls`` (same type and help), so that two stages' options can
+    share one command line; ``defaults`` (unprefixed names) replace ``cls``'s
+    defaults. :func:`unprefixed` builds the ``cls`` instance back."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(defaults) - names)
+    if unknown:
+        raise ValueError(f"defaults: {cls.__name__} has no field {unknown[0]!r}")
+    fields = []
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default)
+        fields.append((prefix + f.name, f.type, dataclasses.field(default=default, metadata=f.metadata)))
+    return dataclasses.make_dataclass(name or f"{prefix.strip('_').title()}{cls.__name__}", fields)
+
+
+def unprefixed(obj, cls, prefix: str):
+    """The ``cls`` instance whose fields are ``obj``'s ``prefix + name`` fields."""
+    return cls(**{f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
+def option_names(dataclass_types: Iterable[type]) -> Tuple[str, ...]:
+    """Every field name of ``dataclass_types``, in order."""
+    return tuple(f.name for cls in dataclass_types for f in dataclasses.fields(cls))
+
+
+def load_config_file(path, allowed: Sequence[str]) -> Dict[str, object]:
+    """The options of a YAML or JSON config file (chosen by its extension:
+    ``.json``, else YAML, a superset of JSON).
+
+    Raises:
+        ValueError: the file cannot be read or parsed, is not a mapping, or
+            names an option outside ``allowed`` (the message names the file
+            and the key).
+    """
+    path = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"config file {path}: cannot read ({exc.strerror})") from None
+    values = _parse_text(text, path)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: expected a mapping of option names to values, "
+                         f"got {type(values).__name__}")
+    for key in values:
+        if key in INVOCATION_ONLY:
+            raise ValueError(f"config file {path}: option {key!r} is only accepted as a flag")
+        if key not in allowed:
+            raise ValueError(f"config file {path}: unknown option {key!r}")
+    return values
+
+
+def _parse_text(text: str, path: str):
+    if path.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path}: not valid JSON ({exc})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path}: not valid YAML ({exc})") from None
+
+
+def build_parser(dataclass_types: Sequence[type], *, prog: str, description: str,
+                 presets: Optional[Mapping[str, Tuple[str, Mapping[str, object]]]] = None) -> HfArgumentParser:
+    """The ``HfArgumentParser`` of a command: one flag per dataclass field
+    (``--help`` shows each one's help and default), plus ``--config FILE``
+    and one boolean flag per preset (``{flag: (help, values)}``)."""
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of options (a flat mapping of option names to values); "
+                             "flags given on the command line win over it.")
+    for flag, (help_text, _) in (presets or {}).items():
+        parser.add_argument(f"--{flag}", action="store_true", help=help_text)
+    return parser
+
+
+def parse_command(dataclass_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str,
+                  command_defaults: Optional[Mapping[str, object]] = None,
+                  presets: Optional[Mapping[str, Tuple[str, Mapping[str, object]]]] = None):
+    """Parse ``argv`` into one instance of each of ``dataclass_types`` with
+    the layering of the module doc. One of the types must be
+    :class:`RunOptions` (its ``out`` and ``resume`` locate the file layer on
+    resume).
+
+    Returns:
+        ``(instances, resolved)``: the instances in order, and the flat
+        ``{option: value}`` of every field except :data:`INVOCATION_ONLY`
+        (what goes to the run folder's ``config.json``).
+
+    Raises:
+        ValueError: a bad config file, or an option value a dataclass
+            rejects. (argparse reports a flag it cannot parse itself, with
+            SystemExit 2.)
+    """
+    argv = list(argv)
+    allowed = option_names(dataclass_types)
+    parser = build_parser(dataclass_types, prog=prog, description=description, presets=presets)
+    layers = dict(command_defaults or {})
+    known, _ = _pre_parser(presets).parse_known_args(argv)
+    for flag, (_, values) in (presets or {}).items():
+        if getattr(known, flag):
+            layers.update(values)
+    config_path = known.config
+    if config_path is None and known.resume and known.out:
+        saved = Path(known.out) / CONFIG_FILE
+        config_path = saved if saved.is_file() else None
+    if config_path is not None:
+        layers.update(load_config_file(config_path, allowed))
+    parser.set_defaults(**layers)
+    parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    instances = tuple(parsed[:len(dataclass_types)])
+    resolved = {name: value for obj in instances for name, value in dataclasses.asdict(obj).items()
+                if name not in INVOCATION_ONLY}
+    return instances, resolved
+
+
+def _pre_parser(presets):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--out", default="")
+    pre.add_argument("--resume", nargs="?", const="true", default="false",
+                     type=lambda v: v.lower() in ("true", "1", "yes", "y"))
+    for flag in presets or {}:
+        pre.add_argument(f"--{flag}", action="store_true")
+    return pre

@@ -1,0 +1,170 @@
+"""Evaluation: sample responses from a policy, score them with a judge, and
+the win rate of one policy over another with its confidence interval.
+
+A *judge* is any ``judge(prompts, responses) -> list[float]`` (higher is
+better): :func:`judge_gold` (the built-in task's gold scorer) or a reward
+model through :func:`judge_reward_model` (bind its model and tokenizer with
+``functools.partial``).
+"""
+import math
+import statistics
+from typing import Callable, List, NamedTuple, Sequence
+
+import torch
+
+from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.models.scalar_heads import sequence_scores
+from rlhf_engine.pipeline import batching, task
+from rlhf_engine.pipeline.data import encode_pair, encode_prompt
+
+Judge = Callable[[Sequence[str], Sequence[str]], List[float]]
+
+# Two-sided 95% normal quantile.
+Z_95 = statistics.NormalDist().inv_cdf(0.975)
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _check_texts(name, texts):
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a list of strings")
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
+                       seed: int = 0, batch_size: int = 32) -> List[str]:
+    """One sampled response per prompt, as text.
+
+    Prompts are encoded with :func:`~rlhf_engine.pipeline.data.encode_prompt`
+    and sampled in order, ``batch_size`` at a time, by
+    :func:`rlhf_engine.engine.rollout.sample` (``temperature=0``: greedy)
+    with one generator seeded with ``seed``. A response is its tokens before
+    the first EOS (all ``max_new_tokens`` when it has none), decoded without
+    special tokens.
+    """
+    _check_texts("prompts", prompts)
+    _check_batch_size(batch_size)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad_token_id")
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, temperature=temperature)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+        rollout = sample(model, ids.to(device), mask.to(device), params, generator=generator)
+        for row, keep in zip(rollout.sequences[:, rollout.prompt_length:].tolist(),
+                             rollout.response_mask[:, rollout.prompt_length:].tolist()):
+            tokens = [t for t, k in zip(row, keep) if k]
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+            responses.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return responses
+
+
+def judge_gold(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+    """The built-in task's gold score (in [0, 1]) of each response."""
+    _check_pairs(prompts, responses)
+    return [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def judge_reward_model(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+                       batch_size: int = 32) -> List[float]:
+    """The reward model's score of each (prompt, response), encoded as in
+    training (:func:`~rlhf_engine.pipeline.data.encode_pair`: the response
+    ends with EOS) and right-padded, ``batch_size`` rows at a time."""
+    _check_pairs(prompts, responses)
+    _check_batch_size(batch_size)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                rows = [encode_pair(tokenizer, p, r) for p, r in
+                        zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+                batch = batching.pad_rows(rows, pad_id).to(device)
+                scores += sequence_scores(model, batch.input_ids, batch.attention_mask).tolist()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _check_pairs(prompts, responses):
+    _check_texts("prompts", prompts)
+    _check_texts("responses", responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"responses has {len(responses)} entries for {len(prompts)} prompts")
+
+
+class WinRate(NamedTuple):
+    """How often A beats B: ``rate = (wins + ties / 2) / n`` and its 95%
+    Wilson score interval ``[low, high]``."""
+
+    rate: float
+    low: float
+    high: float
+    wins: int
+    ties: int
+    losses: int
+    n: int
+
+
+def wilson_interval(rate: float, n: int, z: float = Z_95):
+    """``(low, high)``: the Wilson score interval of a proportion ``rate``
+    observed over ``n`` trials."""
+    denominator = 1 + z * z / n
+    center = (rate + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> WinRate:
+    """The win rate of A over B from paired per-prompt scores.
+
+    Each prompt is a win (A's score higher), a tie (equal; counts half) or a
+    loss. The interval is the Wilson score interval applied to the
+    tie-adjusted rate with ``n`` prompts: with ties it is a little wider than
+    it need be (a tie carries less variance than a coin flip), so it errs on
+    the cautious side.
+    """
+    a, b = [float(s) for s in scores_a], [float(s) for s in scores_b]
+    if len(a) != len(b):
+        raise ValueError(f"scores_b has {len(b)} entries, scores_a {len(a)}")
+    if not a:
+        raise ValueError("scores_a is empty")
+    if not all(math.isfinite(s) for s in a + b):
+        raise ValueError("scores_a and scores_b must be finite")
+    wins = sum(x > y for x, y in zip(a, b))
+    ties = sum(x == y for x, y in zip(a, b))
+    n = len(a)
+    rate = (wins + ties / 2) / n
+    return WinRate(rate, *wilson_interval(rate, n), wins=wins, ties=ties, losses=n - wins - ties, n=n)
+
+
+class PolicyComparison(NamedTuple):
+    """A's win rate over B, and each prompt's responses and judge scores."""
+
+    win_rate: WinRate
+    scores_a: List[float]
+    scores_b: List[float]
+    responses_a: List[str]
+    responses_b: List[str]
+
+
+def compare_policies(policy_a, policy_b, tokenizer, prompts: Sequence[str], judge: Judge, *, max_new_tokens: int,
+                     temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> PolicyComparison:
+    """Sample one response per prompt from each policy (same seed), judge
+    both, and compute the win rate of ``policy_a`` over ``policy_b``."""
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
+    responses_a = generate_responses(policy_a, tokenizer, prompts, **kwargs)
+    responses_b = generate_responses(policy_b, tokenizer, prompts, **kwargs)
+    scores_a, scores_b = list(judge(prompts, responses_a)), list(judge(prompts, responses_b))
+    return PolicyComparison(win_rate(scores_a, scores_b), scores_a, scores_b, responses_a, responses_b)

@@ -1,0 +1,178 @@
+"""The reward-model stage: a scalar-head model trained on human comparisons
+and rankings with the Bradley-Terry loss.
+
+Every training element is one record:
+
+- a comparison (prompt, chosen, rejected, optional margin ``m``) gives one
+  pair and the loss ``-log sigmoid(r_chosen - r_rejected - m)``;
+- a ranking of K responses gives all K(K-1)/2 pairs (better ranked first)
+  and, as in InstructGPT, counts as *one* element whose loss is the mean over
+  its pairs, so a prompt with many responses does not outweigh the others
+  (and its pairs, highly correlated, do not overfit). Its K responses are
+  K rows of the model batch, each scored once.
+
+A batch's loss is the mean of its elements' losses, through
+:func:`rlhf_engine.ops.pairwise_reward_loss`. Scores are the head at each
+row's last real token (:func:`rlhf_engine.models.scalar_heads.sequence_scores`);
+rows are always padded, since pooling needs one row per response.
+"""
+import dataclasses
+from collections import defaultdict
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from rlhf_engine import ops
+from rlhf_engine.models.scalar_heads import sequence_scores
+from rlhf_engine.pipeline import batching
+from rlhf_engine.pipeline.data import Comparison, Encoded, Ranking
+from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, model_device, option, split_and_prepare,
+                                          train_loop)
+
+
+@dataclasses.dataclass
+class RMConfig(TrainConfig):
+    """The reward-model stage's options (see :class:`TrainConfig`); a batch
+    of ``batch_size`` records holds 2 rows per comparison and K per
+    ranking."""
+
+    lr: float = option(3e-4, "Peak learning rate of AdamW.")
+
+
+class PairGroup(NamedTuple):
+    """The pairs of the batch's elements that have ``pairs_per_element``
+    pairs each: row indices ``chosen``/``rejected`` ``[N]`` int64 (better /
+    worse response) and ``margin`` ``[N]`` float32 (0 where none)."""
+
+    pairs_per_element: int
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    margin: torch.Tensor
+
+    @property
+    def num_elements(self) -> int:
+        return self.chosen.numel() // self.pairs_per_element
+
+
+class PreferenceBatch(NamedTuple):
+    """A mini-batch of comparisons and rankings: ``tokens``, every response
+    of every element as one padded row (an element's responses consecutive,
+    in record order: chosen then rejected, or best first), and its pairs in
+    :class:`PairGroup` s by pairs per element."""
+
+    tokens: batching.TokenBatch
+    groups: Tuple[PairGroup, ...]
+    num_elements: int
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(group.chosen.numel() for group in self.groups)
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(self.tokens.to(device), tuple(
+            PairGroup(g.pairs_per_element, g.chosen.to(device), g.rejected.to(device), g.margin.to(device))
+            for g in self.groups), self.num_elements)
+
+
+def _element_pairs(example: Encoded) -> List[Tuple[int, int, float]]:
+    """``(better, worse, margin)`` response indices of an element's pairs,
+    in :func:`rlhf_engine.pipeline.data.expand_ranking`'s order."""
+    record = example.record
+    if isinstance(record, Comparison):
+        return [(0, 1, float(record.margin or 0.0))]
+    if isinstance(record, Ranking):
+        k = len(example.responses)
+        return [(i, j, 0.0) for i in range(k) for j in range(i + 1, k)]
+    raise ValueError(f"examples must hold Comparison or Ranking records, got {type(record).__name__}")
+
+
+def collate_preferences(examples: Sequence[Encoded], pad_id: int) -> PreferenceBatch:
+    """A :class:`PreferenceBatch` of encoded comparisons and rankings."""
+    if len(examples) == 0:
+        raise ValueError("examples is empty")
+    rows, pairs = [], defaultdict(list)
+    for example in examples:
+        element = [(len(rows) + i, len(rows) + j, m) for i, j, m in _element_pairs(example)]
+        pairs[len(element)] += element
+        rows += [(example.prompt_ids, response) for response in example.responses]
+    groups = tuple(PairGroup(size, torch.tensor([c for c, _, _ in group], dtype=torch.long),
+                             torch.tensor([r for _, r, _ in group], dtype=torch.long),
+                             torch.tensor([m for _, _, m in group], dtype=torch.float32))
+                   for size, group in sorted(pairs.items()))
+    return PreferenceBatch(batching.pad_rows(rows, pad_id), groups, len(examples))
+
+
+def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, correct)``: the mean over the batch's elements of each
+    element's mean pair loss, and the number of pairs whose chosen score is
+    above the rejected one (0-d float32 tensors).
+
+    ``scores``: ``[R]``, one per row of ``batch.tokens``.
+    """
+    if scores.dim() != 1 or scores.shape[0] != batch.tokens.input_ids.shape[0]:
+        raise ValueError(f"scores must have shape [{batch.tokens.input_ids.shape[0]}] (one per row), "
+                         f"got {tuple(scores.shape)}")
+    loss = scores.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.float32, device=scores.device)
+    for group in batch.groups:
+        # each group's op loss is a mean over its pairs = the mean of its elements' means
+        group_loss, stats = ops.pairwise_reward_loss(scores[group.chosen], scores[group.rejected],
+                                                     margin=group.margin)
+        loss = loss + group_loss * (group.num_elements / batch.num_elements)
+        correct = correct + stats["accuracy"] * group.chosen.numel()
+    return loss, correct
+
+
+def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: Optional[Sequence],
+                       config: RMConfig, *, on_step: Optional[Callable[[dict], None]] = None,
+                       stop: Optional[Callable[[], bool]] = None, checkpoint: Optional[Callable[[dict], None]] = None,
+                       resume: Optional[dict] = None) -> dict:
+    """Train the scalar-head ``model`` in place on comparisons and rankings.
+
+    Args:
+        model: a HF sequence-classification model with ``num_labels=1`` (e.g.
+            ``reward_model_from_causal_lm(sft_model)``), on its device.
+        tokenizer: the tokenizer the records are encoded with.
+        train_records, eval_records: :class:`Comparison` and :class:`Ranking`
+            records, mixed freely; ``eval_records`` None holds out
+            ``config.eval_fraction`` of the training ones.
+        config: :class:`RMConfig`.
+        on_step, stop, checkpoint, resume: see
+            :func:`rlhf_engine.pipeline.training.train_loop`; each step's
+            metrics add ``accuracy`` (of the batch's pairs).
+
+    Returns:
+        the loop's metrics with ``eval_loss`` and ``eval_accuracy`` (fraction
+        of held-out pairs, every pair of a ranking included, scored chosen >
+        rejected; a tie counts as wrong), plus ``train_examples``,
+        ``eval_examples``, ``dropped``, ``truncated``.
+    """
+    if not isinstance(config, RMConfig):
+        raise ValueError(f"config must be an RMConfig, got {type(config).__name__}")
+    train, held, info = split_and_prepare(tokenizer, train_records, eval_records, config, (Comparison, Ranking))
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def forward(examples):
+        batch = collate_preferences(examples, pad_id).to(device)
+        scores = sequence_scores(model, batch.tokens.input_ids, batch.tokens.attention_mask)
+        return batch, preference_loss(scores, batch)
+
+    def step(indices):
+        batch, (loss, correct) = forward([train[i] for i in indices])
+        return StepOutput(loss, batch.tokens.num_tokens, {"accuracy": correct.item() / batch.num_pairs})
+
+    def evaluate():
+        if not held:
+            return {}
+        loss_sum, correct, pairs = 0.0, 0.0, 0
+        for start in range(0, len(held), config.batch_size):
+            batch, (loss, batch_correct) = forward(held[start:start + config.batch_size])
+            loss_sum += loss.item() * batch.num_elements
+            correct += batch_correct.item()
+            pairs += batch.num_pairs
+        return {"eval_loss": loss_sum / len(held), "eval_accuracy": correct / pairs}
+
+    metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
+                         checkpoint=checkpoint, resume=resume)
+    return {**metrics, **info}

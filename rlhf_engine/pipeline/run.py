@@ -1,0 +1,398 @@
+"""A run folder, and the SFT and reward-model stages run inside it.
+
+Layout (``<stage>`` is ``sft``, ``rm``, ``ppo``, ...)::
+
+    config.json              the resolved options (``--config`` reads it back)
+    log.txt                  the log, as printed
+    metrics.jsonl            one object per line: {"stage", "step", metric: value, ...}
+    tb/                      TensorBoard events, tags "<stage>/<metric>"
+    <stage>/model/           the stage's HF model folder (safetensors) and tokenizer
+    <stage>/checkpoints/     resumable checkpoints (rlhf_engine.engine.checkpoint layout)
+    <stage>/result.json      the stage's final metrics; written last, it marks the stage done
+
+Ctrl-C (SIGINT) asks the running loop to stop after its current step: the
+stage writes a checkpoint and raises :class:`Interrupted`; a second Ctrl-C
+stops at once (``KeyboardInterrupt``). ``--resume`` skips the finished
+stages and continues an interrupted one from its latest checkpoint, exactly
+where it stopped.
+"""
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine.models.builders import SIZES, build_policy
+from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
+from rlhf_engine.models.tokenizer import byte_tokenizer
+from rlhf_engine.pipeline import batching
+from rlhf_engine.pipeline.config import CONFIG_FILE
+from rlhf_engine.pipeline.data import read_jsonl
+from rlhf_engine.pipeline.evaluate import compare_policies, judge_gold, judge_reward_model
+from rlhf_engine.pipeline.reward import train_reward_model
+from rlhf_engine.pipeline.sft import train_sft
+from rlhf_engine.pipeline.training import TrainConfig, total_steps
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "log.txt"
+
+
+class Interrupted(Exception):
+    """A stage stopped on Ctrl-C after saving a checkpoint."""
+
+    def __init__(self, stage: str, step: int, checkpoint: Optional[Path]):
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"interrupted in stage '{stage}' after step {step}{where}")
+
+
+class UsageError(ValueError):
+    """The command cannot run as asked: the run folder exists without
+    --resume or holds nothing to resume, a model folder is missing, ..."""
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _json_value(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Run:
+    """The run folder of one command (see the module doc).
+
+    Use as a context manager: it creates or reopens the folder, writes
+    ``config.json``, opens the log and TensorBoard writer, and installs the
+    Ctrl-C handler; on exit it restores the handler and closes the files.
+
+    Args:
+        folder: the run folder.
+        command: the command's name (for the log and the resume hint).
+        options: the resolved options, written to ``config.json``.
+        resume: continue the run in ``folder`` (it must hold a
+            ``config.json``); otherwise ``folder`` must be new or empty.
+        progress: show progress bars (tqdm, with ETA).
+    """
+
+    def __init__(self, folder, command: str, options: Dict, *, resume: bool = False, progress: bool = True):
+        self.folder = Path(folder)
+        self.command, self.options, self.resume, self.show_progress = command, dict(options), resume, progress
+        self._stop_requested = False
+        self._previous_handler = None
+        self.logger = None
+        self.writer = None
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def __enter__(self):
+        config_path = self.folder / CONFIG_FILE
+        if self.resume and not config_path.is_file():
+            raise UsageError(f"--resume: {self.folder} holds no run to resume (no {CONFIG_FILE})")
+        if not self.resume and self.folder.exists() and any(self.folder.iterdir()):
+            raise UsageError(f"run folder {self.folder} is not empty: pass --resume to continue the run in it, "
+                                 f"or choose another --out")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, self.options)
+        self.logger = self._open_log()
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only once a run starts
+
+        self.writer = SummaryWriter(log_dir=str(self.folder / "tb"))
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.log(f"{'resuming' if self.resume else 'starting'} 'rlhf-engine {self.command}' in {self.folder}")
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+        if self.writer is not None:
+            self.writer.close()
+        if self.logger is not None:
+            for handler in list(self.logger.handlers):
+                handler.close()
+                self.logger.removeHandler(handler)
+        return False
+
+    def _open_log(self):
+        logger = logging.getLogger(f"rlhf_engine.run.{id(self)}")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.FileHandler(self.folder / LOG_FILE, encoding="utf-8"), _TqdmHandler()):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+        return logger
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.log("Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def should_stop(self) -> bool:
+        """True once Ctrl-C was pressed: loops check it before each step."""
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """What Ctrl-C does (for callers and tests that stop a run in code)."""
+        self._on_sigint(signal.SIGINT, None)
+
+    # -- records -------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        self.logger.info(message)
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.folder / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def record(self, stage: str, step: int, metrics: Dict) -> None:
+        """Append ``metrics`` (numbers; ``info/*`` strings are kept in the
+        JSONL only) to metrics.jsonl and TensorBoard at ``step``."""
+        values = {key: _json_value(value) for key, value in metrics.items() if key != "step"}
+        with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def progress(self, total: Optional[int], stage: str, initial: int = 0):
+        """A tqdm bar (elapsed, ETA, rate) for a stage's loop."""
+        return tqdm(total=total, initial=initial, desc=stage, unit="step", dynamic_ncols=True, file=sys.stderr,
+                    disable=not self.show_progress, mininterval=0.5)
+
+    def result(self, stage: str) -> Optional[Dict]:
+        """The final metrics of ``stage`` when it finished, else None."""
+        path = self.folder / stage / RESULT_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def skip_if_done(self, stage: str) -> Optional[Dict]:
+        """:meth:`result`, logging that ``stage`` is skipped when it is done."""
+        done = self.result(stage)
+        if done is not None:
+            self.log(f"{stage}: already done, skipped")
+        return done
+
+    def finish(self, stage: str, result: Dict) -> Dict:
+        """Mark ``stage`` done with its final metrics (JSON-safe copy returned)."""
+        clean = {key: _json_value(value) for key, value in result.items()}
+        _write_json(self.stage_dir(stage) / RESULT_FILE, clean)
+        self.log(f"{stage}: done " + ", ".join(f"{k}={_short(v)}" for k, v in clean.items() if _is_number(v)))
+        return clean
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def model_dir(self, stage: str) -> Path:
+        return self.folder / stage / "model"
+
+    def save_model(self, stage: str, model, tokenizer) -> Path:
+        """Write ``model`` (safetensors) and ``tokenizer`` as ``<stage>/model``:
+        into a temporary folder first, so a half-written folder never has the
+        final name."""
+        final = self.model_dir(stage)
+        tmp = final.with_name(f".tmp-model-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+
+def process_seconds(fallback_start: float) -> float:
+    """Wall seconds since this process started (Linux: from /proc, so the
+    imports count too), else since ``fallback_start`` (a ``time.perf_counter()``)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - fallback_start
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# -- the SFT and reward-model stages ------------------------------------------------------
+
+def expected_steps(num_records: int, has_eval_set: bool, config: TrainConfig) -> int:
+    """The optimizer steps a stage will run on ``num_records`` training
+    records (before the length policy drops any), for the progress bar."""
+    held = 0 if has_eval_set else len(batching.split_eval(range(num_records), config.eval_fraction, config.seed)[1])
+    return total_steps(max(num_records - held, 1), config)
+
+
+def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, train_records, eval_records,
+                config: TrainConfig, *, postfix: Callable[[dict], dict] = lambda m: {"loss": m["loss"]}) -> Dict:
+    """Run ``train_fn`` (:func:`~rlhf_engine.pipeline.sft.train_sft` or
+    :func:`~rlhf_engine.pipeline.reward.train_reward_model`) as ``stage`` of
+    ``run``: metrics to the run's records, a progress bar, checkpoints every
+    ``config.save_every`` steps and on Ctrl-C, resumed from the latest one
+    when the run resumes; then ``<stage>/model`` and the result.
+
+    A finished stage is not run again: its result is returned and ``model``
+    is left as given (load ``run.model_dir(stage)``).
+
+    Raises:
+        Interrupted: after Ctrl-C, once the checkpoint is written.
+    """
+    done = run.skip_if_done(stage)
+    if done is not None:
+        return done
+    root = run.checkpoints(stage)
+    resume = None
+    latest = latest_checkpoint(root) if run.resume else None
+    if latest is not None:
+        tensors, objects = load_checkpoint(latest)
+        model.load_state_dict(tensors["model"])
+        resume = objects["loop"]
+        run.log(f"{stage}: resuming from {latest} (step {resume['step']})")
+    steps = expected_steps(len(train_records), eval_records is not None, config)
+    bar = run.progress(steps, stage, initial=resume["step"] if resume else 0)
+    saved = {}
+
+    def on_step(metrics):
+        run.record(stage, metrics["step"], metrics)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in postfix(metrics).items()}, refresh=False)
+        if "eval_loss" in metrics:
+            run.log(f"{stage}: step {metrics['step']}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
+
+    def checkpoint(state):
+        saved["path"] = save_checkpoint(root, state["step"], {"model": model.state_dict()}, {"loop": state})
+
+    start = time.perf_counter()
+    try:
+        result = train_fn(model, tokenizer, train_records, eval_records, config, on_step=on_step,
+                          stop=run.should_stop, checkpoint=checkpoint, resume=resume)
+    finally:
+        bar.close()
+    if result["stopped"]:
+        raise Interrupted(stage, result["steps"], saved.get("path"))
+    run.log(f"{stage}: length policy '{config.length_policy}' (max_length {config.max_length}): dropped "
+            f"{result['dropped']}, truncated {result['truncated']} of "
+            f"{result['train_examples'] + result['eval_examples'] + result['dropped']} examples")
+    run.save_model(stage, model, tokenizer)
+    return run.finish(stage, {**result, "wall_seconds": time.perf_counter() - start})
+
+
+# -- the sft, rm and eval commands ----------------------------------------------------------
+
+def load_causal_lm(spec: str, *, texts=(), vocab_size: int = 450, seed: int = 0):
+    """``(model, tokenizer)``: a HuggingFace causal LM folder ``spec`` (float32),
+    or a new Llama of size ``spec`` (``tiny``/``small``) with a byte-level
+    tokenizer learnt from ``texts``. A tokenizer without a pad token pads
+    with EOS."""
+    if spec in SIZES:
+        tokenizer = byte_tokenizer(list(texts), vocab_size)
+        return build_policy(spec, tokenizer, seed=seed), tokenizer
+    tokenizer = load_tokenizer(spec)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32), tokenizer
+
+
+def load_reward_model(path: str):
+    """A reward-model folder as a one-label sequence-classification model (float32)."""
+    _check_folder(path)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+
+
+def load_tokenizer(path: str):
+    _check_folder(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_folder(path: str) -> None:
+    if not Path(path).is_dir():
+        raise UsageError(f"{path}: no such model folder")
+
+
+def run_sft_command(run: Run, data, config) -> Dict:
+    """``rlhf-engine sft``: fine-tune ``data.model`` on ``data.train_file``
+    (:class:`~rlhf_engine.pipeline.config.SFTData`, :class:`~rlhf_engine.pipeline.sft.SFTConfig`)."""
+    train = read_jsonl(data.train_file, "demonstrations")
+    held = read_jsonl(data.eval_file, "demonstrations") if data.eval_file else None
+    texts = [text for record in train for text in (record.prompt, record.response)]
+    model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed)
+    result = train_stage(run, "sft", model, tokenizer, train_sft, train, held, config)
+    return {**result, "model": str(run.model_dir("sft"))}
+
+
+def run_rm_command(run: Run, data, config) -> Dict:
+    """``rlhf-engine rm``: a reward model from the SFT folder ``data.model``,
+    trained on comparisons and/or rankings."""
+    def records(comparisons, rankings):
+        found = read_jsonl(comparisons, "comparisons") if comparisons else []
+        return found + (read_jsonl(rankings, "rankings") if rankings else [])
+
+    train = records(data.comparisons, data.rankings)
+    held = records(data.eval_comparisons, data.eval_rankings) or None
+    _check_folder(data.model)
+    lm, tokenizer = load_causal_lm(data.model)
+    model = reward_model_from_causal_lm(lm, seed=data.model_seed)
+    result = train_stage(run, "rm", model, tokenizer, train_reward_model, train, held, config,
+                         postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
+    return {**result, "model": str(run.model_dir("rm"))}
+
+
+def run_eval_command(run: Run, options) -> Dict:
+    """``rlhf-engine eval``: the win rate of ``policy_a`` over ``policy_b``
+    on the prompts, judged by the gold judge or a reward model; every
+    response and score goes to ``eval/responses.jsonl``."""
+    prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
+    for path in (options.policy_a, options.policy_b):
+        _check_folder(path)
+    policy_a, tokenizer = load_causal_lm(options.policy_a)
+    policy_b, _ = load_causal_lm(options.policy_b)
+    if options.judge == "gold":
+        judge = judge_gold
+    else:
+        judge = functools.partial(judge_reward_model, load_reward_model(options.judge), load_tokenizer(options.judge),
+                                  batch_size=options.batch_size)
+    run.log(f"eval: sampling {len(prompts)} prompts from each policy")
+    comparison = compare_policies(policy_a, policy_b, tokenizer, prompts, judge,
+                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                  seed=options.seed, batch_size=options.batch_size)
+    folder = run.stage_dir("eval")
+    with open(folder / "responses.jsonl", "w", encoding="utf-8") as f:
+        for row in zip(prompts, comparison.responses_a, comparison.scores_a, comparison.responses_b,
+                       comparison.scores_b):
+            f.write(json.dumps(dict(zip(("prompt", "a", "score_a", "b", "score_b"), row))) + "\n")
+    rate = comparison.win_rate
+    return run.finish("eval", {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high,
+                               "wins": rate.wins, "ties": rate.ties, "losses": rate.losses, "n": rate.n,
+                               "judge": options.judge})

@@ -1,0 +1,97 @@
+"""The SFT stage: supervised fine-tuning of a causal LM on demonstrations.
+
+Loss: the mean negative log-likelihood of the *response* tokens of a batch
+(EOS included; prompt tokens and padding are context only), computed by
+:func:`rlhf_engine.models.causal_lm_logprobs` through the chunked linear
+head, so the ``[B, L, V]`` logits never exist. Rows are packed when the
+model's attention supports it (see :mod:`rlhf_engine.pipeline.batching`),
+padded otherwise. The optimisation is the shared loop of
+:mod:`rlhf_engine.pipeline.training`.
+"""
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.pipeline import batching
+from rlhf_engine.pipeline.data import Demonstration
+from rlhf_engine.pipeline.training import StepOutput, TrainConfig, model_device, option, split_and_prepare, train_loop
+
+
+@dataclasses.dataclass
+class SFTConfig(TrainConfig):
+    """The SFT stage's options (see :class:`TrainConfig`)."""
+
+    packing: bool = option(True, "Pack several examples into one row when the model's attention implementation "
+                                 "supports packed sequences (flash_attention_2/3); padding otherwise.")
+
+
+def response_nll(model, batch: batching.TokenBatch) -> torch.Tensor:
+    """0-d float32 sum of ``-log p`` over ``batch.response_mask``'s tokens."""
+    logp = causal_lm_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_mask,
+                              position_ids=batch.position_ids)
+    return -logp.sum()
+
+
+def sft_loss(model, batch: batching.TokenBatch) -> torch.Tensor:
+    """0-d float32 mean NLL of the response tokens of ``batch``."""
+    return response_nll(model, batch) / batch.response_mask.sum().clamp(min=1)
+
+
+def _rows(examples):
+    return [(example.prompt_ids, example.responses[0]) for example in examples]
+
+
+def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
+              eval_examples: Optional[Sequence[Demonstration]], config: SFTConfig, *,
+              on_step: Optional[Callable[[dict], None]] = None,
+              stop: Optional[Callable[[], bool]] = None, checkpoint: Optional[Callable[[dict], None]] = None,
+              resume: Optional[dict] = None) -> dict:
+    """Fine-tune the causal LM ``model`` in place on demonstrations.
+
+    Args:
+        model: a HuggingFace causal LM (on the device to train on).
+        tokenizer: its tokenizer (prompts encoded by
+            :func:`rlhf_engine.pipeline.data.encode_prompt`).
+        train_examples, eval_examples: :class:`Demonstration` records;
+            ``eval_examples`` None holds out ``config.eval_fraction`` of the
+            training ones (an empty list: no evaluation).
+        config: :class:`SFTConfig`.
+        on_step, stop, checkpoint, resume: see
+            :func:`rlhf_engine.pipeline.training.train_loop`.
+
+    Returns:
+        :func:`train_loop`'s metrics (``eval_loss``: mean response-token NLL
+        of the held-out set) plus ``train_examples``, ``eval_examples``,
+        ``dropped``, ``truncated`` (the length policy, both sets) and
+        ``packed``.
+    """
+    if not isinstance(config, SFTConfig):
+        raise ValueError(f"config must be an SFTConfig, got {type(config).__name__}")
+    train, held, info = split_and_prepare(tokenizer, train_examples, eval_examples, config, (Demonstration,),
+                                          names=("train_examples", "eval_examples"))
+    device = model_device(model)
+    packed = config.packing and batching.supports_packing(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(rows):
+        return batching.collate_rows(rows, pad_id, packed).to(device)
+
+    def step(indices):
+        batch = collate(_rows([train[i] for i in indices]))
+        return StepOutput(sft_loss(model, batch), batch.num_tokens, {})
+
+    def evaluate():
+        if not held:
+            return {}
+        nll, count = torch.zeros((), device=device), 0
+        for start in range(0, len(held), config.batch_size):
+            batch = collate(_rows(held[start:start + config.batch_size]))
+            nll += response_nll(model, batch)
+            count += int(batch.response_mask.sum())
+        return {"eval_loss": (nll / count).item()}
+
+    metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
+                         checkpoint=checkpoint, resume=resume)
+    return {**metrics, **info, "packed": packed}
