@@ -44,26 +44,53 @@ class Experience(Rollout):
     old_logprobs: Optional[torch.Tensor] = None  # [B, T] float32: policy log-probs before this iteration's updates
     ref_logprobs: Optional[torch.Tensor] = None  # [B, T] float32: reference policy log-probs
     values: Optional[torch.Tensor] = None  # [B, T] float32: critic values (None without a critic)
-    scores: Optional[torch.Tensor] = None  # [B] float32: reward model scores (after the truncation rule)
+    raw_scores: Optional[torch.Tensor] = None  # [B] float32: the reward model's scores as given
+    scores: Optional[torch.Tensor] = None  # [B] float32: reward model scores (after clipping and the truncation rule)
     rewards: Optional[torch.Tensor] = None  # [B, T] float32: per-token rewards (KL-shaped when KL is in the reward)
     advantages: Optional[torch.Tensor] = None  # [B, T] float32
     returns: Optional[torch.Tensor] = None  # [B, T] float32: advantages + values (critic targets)
 
 
-def select(batch, index):
-    """The rows ``index`` (``[b]`` int64 tensor) of every tensor field of a
-    :class:`Rollout` / :class:`Experience`; scalar fields are kept."""
+def map_tensors(batch, fn):
+    """A copy of ``batch`` with ``fn(tensor)`` for every tensor field; scalar fields kept."""
     fields = {}
     for field in dataclasses.fields(batch):
         value = getattr(batch, field.name)
-        fields[field.name] = value[index] if isinstance(value, torch.Tensor) else value
+        fields[field.name] = fn(value) if isinstance(value, torch.Tensor) else value
     return type(batch)(**fields)
+
+
+def select(batch, index):
+    """The rows ``index`` (``[b]`` int64 tensor) of every tensor field of a
+    :class:`Rollout` / :class:`Experience`; scalar fields are kept."""
+    return map_tensors(batch, lambda t: t[index])
 
 
 def to_device(batch, device):
     """A copy of ``batch`` with every tensor on ``device``."""
-    fields = {}
-    for field in dataclasses.fields(batch):
-        value = getattr(batch, field.name)
-        fields[field.name] = value.to(device) if isinstance(value, torch.Tensor) else value
-    return type(batch)(**fields)
+    return map_tensors(batch, lambda t: t.to(device))
+
+
+def pad_to(batch, prompt_length, response_length, pad_id):
+    """``batch`` re-padded to ``T = prompt_length + response_length``: more
+    left padding before the prompts, more right padding after the responses
+    (``pad_id`` in ``sequences``, False/0 elsewhere). Positions derive from
+    the attention mask, so every model sees the same tokens at the same
+    positions."""
+    left = prompt_length - batch.prompt_length
+    right = response_length - (batch.sequences.shape[1] - batch.prompt_length)
+    if left < 0 or right < 0:
+        raise ValueError(f"cannot pad a batch of {batch.prompt_length} + "
+                         f"{batch.sequences.shape[1] - batch.prompt_length} positions to "
+                         f"{prompt_length} + {response_length}")
+
+    def pad(t):
+        if t.dim() != 2 or t.shape[1] != batch.sequences.shape[1]:
+            return t
+        fill = pad_id if t is batch.sequences else 0
+        return torch.nn.functional.pad(t, (left, right), value=fill) if t.dtype != torch.bool else \
+            torch.nn.functional.pad(t.to(torch.uint8), (left, right)).bool()
+
+    padded = map_tensors(batch, pad)
+    padded.prompt_length = prompt_length
+    return padded

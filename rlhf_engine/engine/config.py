@@ -37,6 +37,8 @@ class EngineConfig:
     offload: bool = _f(False, "Move what a phase does not use off the device between phases.")
     offload_policy: str = _f("", "Per-item overrides of the default offload table, e.g. 'reward=all,ref=score' "
                                  "(see rlhf_engine.engine.offload).")
+    shard_frozen: bool = _f(False, "Under torch.distributed, shard the reference and reward model with FSDP2 too "
+                                   "(default: each rank holds a full copy; the policy and critic are always sharded).")
     logprob_chunk_size: Optional[int] = _f(None, "Rows of logits held at once by linear_token_logprobs "
                                                  "(None: chosen from free memory).")
 

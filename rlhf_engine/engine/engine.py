@@ -20,27 +20,23 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-from rlhf_engine import ops
+from rlhf_engine import distributed, ops
 from rlhf_engine.engine import ppo
-from rlhf_engine.engine.batch import Experience, select
+from rlhf_engine.engine.batch import Experience, map_tensors, pad_to, select
 from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                            save_checkpoint)
 from rlhf_engine.engine.config import EngineConfig
 from rlhf_engine.engine.kl_control import KLController
 from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
 from rlhf_engine.engine.offload import OffloadPolicy, Placement
-from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.engine.rollout import SamplingParams, mix_seed, row_uniforms, sample
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.models.scalar_heads import critic_from, sequence_scores, token_values
 
-CHECKPOINT_FORMAT = 1
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+CHECKPOINT_FORMAT = 2  # 2: trained state in torch.distributed.checkpoint format
 
 
 def select_attention(model, device):
@@ -82,11 +78,12 @@ def _frozen(model):
 
 
 def _fingerprint(model):
-    """A float64 checksum of a frozen model's parameters (checked on load)."""
+    """A float64 checksum of a model's full parameters (frozen models' are
+    checked on load; all of them agree across ranks at start)."""
     if model is None:
         return None
     with torch.no_grad():
-        return float(sum(p.double().abs().sum() for p in model.parameters()))
+        return float(sum(distributed.local_value(p).double().abs().sum() for p in model.parameters()))
 
 
 def _trainable(model):
@@ -95,6 +92,15 @@ def _trainable(model):
 
 class RLHFEngine:
     """PPO with a per-token KL penalty on four colocated models.
+
+    Under torch.distributed (a process group initialised, e.g. by
+    :func:`rlhf_engine.distributed.init` under torchrun) every rank builds
+    the engine from the same models and config; the policy and critic are
+    sharded with FSDP2 (the reference and reward model too with
+    ``config.shard_frozen``), each rank passes its own, equally many, prompts
+    to :meth:`step`, and the iteration is that of the global batch: the same
+    sampled tokens (per-sequence random streams), whitening, mini-batches,
+    loss normalisation and metrics as one process given all the prompts.
 
     Args:
         policy: the HuggingFace causal LM to train (a PEFT model with LoRA
@@ -112,7 +118,8 @@ class RLHFEngine:
 
     def __init__(self, policy, tokenizer, config=None, *, reward_model, ref_model=None, critic=None):
         self.config = cfg = config or EngineConfig()
-        self.device = resolve_device(cfg.device)
+        self.layout = distributed.layout()
+        self.device = distributed.device_for(self.layout, cfg.device)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -139,6 +146,9 @@ class RLHFEngine:
 
         modules = {"policy": self.policy, "ref": self.ref, "reward": self.reward, "critic": self.critic}
         modules = {k: m.to(self.device) for k, m in modules.items() if m is not None}
+        self._fingerprints = {"ref": _fingerprint(self.ref), "reward": _fingerprint(self.reward)}
+        if self.layout.distributed:
+            modules = self._shard(modules)
 
         # Optimizers, schedules and controllers.
         self.optimizers = {"policy": self._adamw(self.policy, cfg.lr)}
@@ -148,7 +158,6 @@ class RLHFEngine:
                                    schedule=cfg.lr_schedule)
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.sample_generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_id,
                                        pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -160,7 +169,21 @@ class RLHFEngine:
         self.placement = Placement(self.device, policy=OffloadPolicy.parse(cfg.offload_policy, enabled=cfg.offload),
                                    modules=modules,
                                    optimizers={f"{k}_optim": o for k, o in self.optimizers.items()})
-        self._fingerprints = {"ref": _fingerprint(self.ref), "reward": _fingerprint(self.reward)}
+
+    def _shard(self, modules):
+        """Check that every rank starts from the same config and weights, then
+        shard the trained models (and the frozen ones with ``shard_frozen``)."""
+        cfg = self.config
+        distributed.check_agreement("the engine config", cfg.to_dict())
+        distributed.check_agreement("the starting weights (parameter checksums)",
+                                    {k: _fingerprint(m) for k, m in modules.items()})
+        if cfg.offload:
+            raise NotImplementedError("offload=True with FSDP-sharded models (world size > 1) is not supported yet")
+        sharded = ("policy", "critic") + (("ref", "reward") if cfg.shard_frozen else ())
+        for name in sharded:
+            if name in modules:
+                modules[name] = distributed.shard(modules[name], self.layout, self.device)
+        return modules
 
     @classmethod
     def from_pretrained(cls, policy_path, reward_model_path, config=None, *, critic_path=None, tokenizer_path=None):
@@ -205,33 +228,42 @@ class RLHFEngine:
         recorder = PhaseRecorder(self.device)
         profiler = self._profiler()
         start = time.perf_counter()
-        with profiler:
-            # 1. Rollout: the policy samples responses to the prompts.
+        with profiler, distributed.guard(f"PPO iteration {self.iteration + 1}"):
+            # 1. Rollout: the policy samples responses to this rank's prompts.
             with recorder.phase("rollout"):
                 self.placement.enter("rollout")
                 rollout = self._rollout(prompts)
-            # 2. Score: old and reference log-probs, values, reward-model scores.
+            # 2. Score: old and reference log-probs, values, reward-model scores; then
+            #    every rank holds the global batch (the rest of the iteration is global).
             with recorder.phase("score"):
                 self.placement.enter("score")
-                exp, score_metrics = self._score(rollout)
+                exp = self._gather(self._score(rollout))
+                score_metrics = self._score_metrics(exp)
                 # 3. Advantages: KL-shaped rewards, GAE (or group baselines), whitening.
                 exp = self._advantages(exp)
-            # 4. Learn: PPO epochs over shuffled mini-batches.
+            # 4. Learn: PPO epochs over shuffled mini-batches, each split over the ranks.
             with recorder.phase("learn"):
                 self.placement.enter("learn")
                 learn_metrics = self._learn(exp, ptx_batch)
+            recorder.metrics["time/step"] = time.perf_counter() - start
+            phases = self._slowest_rank(recorder.metrics)
         # 5. KL control, then the iteration's metrics.
         self.kl.update(score_metrics["kl/k1"], exp.sequences.shape[0])
         self.iteration += 1
-        elapsed = time.perf_counter() - start
         generated = score_metrics["response/length_mean"] * exp.sequences.shape[0]
-        metrics = {"iteration": self.iteration, **score_metrics, **learn_metrics, **recorder.metrics,
-                   "time/step": elapsed, "tokens_per_second": generated / elapsed,
-                   "rollout_tokens_per_second": generated / recorder.metrics["time/rollout"],
+        metrics = {"iteration": self.iteration, **score_metrics, **learn_metrics, **phases,
+                   "tokens_per_second": generated / phases["time/step"],
+                   "rollout_tokens_per_second": generated / phases["time/rollout"],
                    "kl/coef": self.kl.coef, "lr": self.schedulers["policy"].get_last_lr()[0],
                    "updates/skipped_total": self.skipped_updates,
                    "info/attn_implementation": self.attn_implementation}
         return metrics
+
+    def _slowest_rank(self, phase_metrics):
+        """Phase times and peak memories: the largest over the ranks."""
+        names = sorted(phase_metrics)
+        values = torch.tensor([phase_metrics[n] for n in names], dtype=torch.float64, device=self.device)
+        return dict(zip(names, distributed.all_reduce(values, op="max").tolist()))
 
     def _profiler(self):
         if not self.config.profile_dir:
@@ -257,11 +289,32 @@ class RLHFEngine:
         return left_pad(prompts, self.pad_id)
 
     def _rollout(self, prompts):
+        """Sample this rank's sequences. Each sequence draws from its own random
+        stream, keyed by the seed, the iteration and its row in the global
+        batch (ranks hold consecutive rows), so the tokens do not depend on
+        the world size."""
         ids, mask = self._encode(prompts)
         k = self.config.samples_per_prompt
         ids, mask = ids.repeat_interleave(k, 0).to(self.device), mask.repeat_interleave(k, 0).to(self.device)
-        with self._autocast():
-            return sample(self.policy, ids, mask, self.sampling, generator=self.sample_generator)
+        first = self.layout.rank * len(ids)  # every rank passes as many prompts (checked in _gather)
+        uniforms = row_uniforms(mix_seed(self.config.seed, self.iteration), range(first, first + len(ids)),
+                                self.config.max_new_tokens, self.device)
+        with self._autocast(), distributed.unsharded(self.policy):
+            return sample(self.policy, ids, mask, self.sampling, uniforms=uniforms)
+
+    def _gather(self, exp):
+        """The global batch on every rank: the ranks' rows in rank order,
+        re-padded to common prompt and response widths."""
+        if not self.layout.distributed:
+            return exp
+        widths = torch.tensor([[len(exp.sequences), exp.prompt_length, exp.sequences.shape[1] - exp.prompt_length]],
+                              device=self.device)
+        rows, prompt_widths, response_widths = distributed.all_gather_rows(widths).T.tolist()
+        if len(set(rows)) > 1:
+            raise ValueError(f"every rank must pass the same number of prompts to step(); sequences per rank: {rows}")
+        exp = pad_to(exp, max(prompt_widths), max(response_widths), self.pad_id)
+        return map_tensors(exp, lambda t: distributed.all_gather_rows(t.to(torch.uint8)).bool()
+                           if t.dtype == torch.bool else distributed.all_gather_rows(t))
 
     @torch.no_grad()
     def _score(self, rollout):
@@ -285,22 +338,26 @@ class RLHFEngine:
                 last_values = sequence_scores(self.critic, seq, attn, pos).float()
         scores = ppo.adjust_scores(raw_scores, rollout.finished, last_values, rule=cfg.truncated_response,
                                    penalty=cfg.truncation_penalty, clip=cfg.score_clip)
-        exp = Experience(**{f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)},
-                         old_logprobs=old, ref_logprobs=ref, values=values, scores=scores)
-        lengths = rollout.response_lengths.float()
+        return Experience(**{f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)},
+                          old_logprobs=old, ref_logprobs=ref, values=values, raw_scores=raw_scores, scores=scores)
+
+    def _score_metrics(self, exp):
+        """Scores, KL, lengths and the sampler-trainer gap of a scored batch (one host sync)."""
+        old, ref, resp = exp.old_logprobs, exp.ref_logprobs, exp.response_mask
         summary = {
-            "reward/score_mean": raw_scores.mean(), "reward/score_std": raw_scores.std(unbiased=False),
+            "reward/score_mean": exp.raw_scores.mean(), "reward/score_std": exp.raw_scores.std(unbiased=False),
             "kl/k1": ppo.sequence_kl(old, ref, resp, "k1").mean(),
             "kl/k3": ppo.sequence_kl(old, ref, resp, "k3").mean(),
-            "response/length_mean": lengths.mean(), "response/finished_fraction": rollout.finished.float().mean(),
+            "response/length_mean": exp.response_lengths.float().mean(),
+            "response/finished_fraction": exp.finished.float().mean(),
         }
-        if cfg.old_logprobs == "recompute":
-            gap = (rollout.sampler_logprobs - old).abs()
+        if self.config.old_logprobs == "recompute":
+            gap = (exp.sampler_logprobs - old).abs()
             summary["rollout/logprob_gap_mean"] = gap.sum() / resp.sum().clamp(min=1)
             summary["rollout/logprob_gap_max"] = gap.max()
         names = list(summary)
         values_host = torch.stack([summary[n].float() for n in names]).tolist()
-        return exp, dict(zip(names, values_host))
+        return dict(zip(names, values_host))
 
     @contextlib.contextmanager
     def _reference(self):
@@ -332,7 +389,11 @@ class RLHFEngine:
         train_policy = self.iteration >= cfg.critic_warmup_iterations
         stats = WeightedMean()
         batch = exp.sequences.shape[0]
-        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        world = self.layout.world_size
+        if world > 1 and (batch % cfg.mini_batch_size or cfg.mini_batch_size % world):
+            raise ValueError(f"over {world} ranks the global batch ({batch} sequences) must split into whole "
+                             f"mini-batches of mini_batch_size={cfg.mini_batch_size}, each a multiple of {world}")
+        micro = cfg.micro_batch_size or cfg.mini_batch_size // world
         applied = skipped = 0
         for model in (self.policy, self.critic):
             if model is not None:
@@ -346,8 +407,10 @@ class RLHFEngine:
                 # The first mini-batch is scored before any update: its log-probs are the
                 # trainer's view of the sampler's (the gap when old_logprobs="rollout").
                 record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
-                for micro_index in torch.arange(len(mini_index), device=self.device).split(micro):
-                    total_loss = total_loss + self._micro_step(select(mini, micro_index), normalizer, stats,
+                mine = select(mini, torch.arange(len(mini_index), device=self.device)[
+                    distributed.rows_of_rank(len(mini_index), self.layout)])
+                for micro_index in torch.arange(len(mine.sequences), device=self.device).split(micro):
+                    total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, stats,
                                                                train_policy, record_gap)
                 if train_policy and ptx_batch is not None and cfg.ptx_coef > 0:
                     total_loss = total_loss + self._ptx_step(ptx_batch, micro, stats)
@@ -359,7 +422,7 @@ class RLHFEngine:
         for model in (self.policy, self.critic):
             if model is not None:
                 model.eval()
-        metrics = stats.result()
+        metrics = stats.result(reduce=distributed.all_reduce)
         metrics.update({"updates/applied": applied, "updates/skipped": skipped})
         if self.critic is not None:
             metrics["value/explained_variance"] = ppo.explained_variance(exp.values, exp.returns,
@@ -409,7 +472,7 @@ class RLHFEngine:
         """PPO-ptx: ``ptx_coef`` times the LM loss of the pretraining batch,
         normalised by its token count (so the micro split does not matter)."""
         ids, attn, loss_mask = (t.to(self.device) for t in ptx_batch)
-        normalizer = loss_mask.bool()[:, 1:].sum().float().clamp(min=1.0)
+        normalizer = distributed.all_reduce(loss_mask.bool()[:, 1:].sum().float()).clamp(min=1.0)  # all ranks' tokens
         total = torch.zeros((), device=self.device)
         for rows in torch.arange(ids.shape[0], device=self.device).split(micro):
             with self._autocast():
@@ -418,7 +481,8 @@ class RLHFEngine:
             loss = self.config.ptx_coef * ppo.lm_loss(logp, loss_mask[rows].bool(), normalizer)
             loss.backward()
             total = total + loss.detach()
-        stats.add("ptx/loss", total / self.config.ptx_coef, 1)
+        # Each rank's total is its share of the global loss: world x share, averaged over ranks, is the sum.
+        stats.add("ptx/loss", self.layout.world_size * total / self.config.ptx_coef, 1)
         return total
 
     def _optimizer_step(self, total_loss, train_policy):
@@ -429,8 +493,10 @@ class RLHFEngine:
         models = {"policy": self.policy, "critic": self.critic}
         trained = [name for name in self.optimizers if name == "critic" or train_policy]
         params = {n: [p for p in _trainable(models[n]) if p.grad is not None] for n in trained}
-        norms = [torch.nn.utils.get_total_norm([p.grad for p in params[n]]) for n in trained]
-        checks = torch.stack([total_loss.float(), *(n.float() for n in norms)]).tolist()
+        norms = [distributed.local_value(torch.nn.utils.get_total_norm([p.grad for p in params[n]])) for n in trained]
+        # The global loss (a sum over ranks) and global norms: every rank takes the same decision.
+        total_loss = distributed.all_reduce(total_loss.float().clone())
+        checks = torch.stack([total_loss, *(n.float() for n in norms)]).tolist()
         finite = all(math.isfinite(v) for v in checks)
         for name, norm in zip(trained, checks[1:]):
             if finite:
@@ -448,35 +514,45 @@ class RLHFEngine:
     # Checkpoints ---------------------------------------------------------------------
 
     def state(self, extra=None):
-        """``(tensors, objects)``: everything :meth:`load` needs to continue exactly."""
-        tensors = {"policy": self.policy.state_dict()}
-        if self.critic is not None:
-            tensors["critic"] = self.critic.state_dict()
+        """``(tensors, objects)``: everything :meth:`load` needs to continue
+        exactly. ``tensors`` holds the trained models' and their optimizers'
+        state dicts (this rank's shards under FSDP2), ``objects`` plain state."""
+        tensors = {}
+        for name, optimizer in self.optimizers.items():
+            model = self._trained(name)
+            tensors[name] = get_model_state_dict(model)
+            tensors[f"{name}_optim"] = get_optimizer_state_dict(model, optimizer)
         objects = {
             "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "skipped_updates": self.skipped_updates,
             "config": self.config.to_dict(), "kl": self.kl.state_dict(), "fingerprints": self._fingerprints,
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": capture_rng([self.sample_generator, self.shuffle_generator]), "extra": extra,
+            "rng": capture_rng([self.shuffle_generator]), "extra": extra,
         }
         return tensors, objects
+
+    def _trained(self, name):
+        return self.policy if name == "policy" else self.critic
 
     def save(self, directory, extra=None, keep=2):
         """Write a checkpoint atomically under ``directory`` (a crash mid-write
         leaves the previous one intact); ``extra`` is the caller's own state
-        (e.g. its data position), returned by :meth:`load`. Returns the path."""
-        tensors, objects = self.state(extra)
-        return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)
+        (e.g. its data position), returned by :meth:`load`. Returns the path.
+        Under torch.distributed every rank calls it: each writes its shards
+        (torch.distributed.checkpoint), into a folder all ranks share."""
+        with distributed.guard(f"saving iteration {self.iteration}"):
+            tensors, objects = self.state(extra)
+            return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)
 
     def load(self, directory):
         """Restore the latest complete checkpoint under ``directory`` (or the
         checkpoint folder itself) into this engine, built with the same
-        models and config; returns the ``extra`` it was saved with."""
+        models and config, at any world size; returns the ``extra`` it was
+        saved with. Under torch.distributed every rank calls it."""
         directory = Path(directory)
         path = directory if (directory / "manifest.json").exists() else latest_checkpoint(directory)
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {directory}")
-        tensors, objects = load_checkpoint(path)
+        tensors, objects = load_checkpoint(path, self.state()[0])
         if objects.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {objects.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         for name, saved in objects["fingerprints"].items():
@@ -484,14 +560,13 @@ class RLHFEngine:
             if saved != now:
                 raise ValueError(f"{path}: the {name} model differs from the one the checkpoint was saved with "
                                  f"(checksum {now!r} vs {saved!r}); build the engine with the same frozen models")
-        self.policy.load_state_dict(tensors["policy"])
-        if self.critic is not None:
-            self.critic.load_state_dict(tensors["critic"])
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(objects["optimizers"][name])
+            model = self._trained(name)
+            set_model_state_dict(model, tensors[name])
+            set_optimizer_state_dict(model, optimizer, tensors[f"{name}_optim"])
             self.schedulers[name].load_state_dict(objects["schedulers"][name])
         self.kl.load_state_dict(objects["kl"])
-        restore_rng(objects["rng"], [self.sample_generator, self.shuffle_generator])
+        restore_rng(objects["rng"], [self.shuffle_generator])
         self.iteration = objects["iteration"]
         self.skipped_updates = objects["skipped_updates"]
         return objects["extra"]

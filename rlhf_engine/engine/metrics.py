@@ -82,10 +82,18 @@ class WeightedMean:
         self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.weights[name] = self.weights.get(name, 0) + weight
 
-    def result(self, prefix=""):
-        """``{prefix + name: float}`` (one host sync for all of them)."""
+    def result(self, prefix="", reduce=None):
+        """``{prefix + name: float}`` (one host sync for all of them).
+        ``reduce``: sums the sums and weights over ranks in place (e.g.
+        :func:`rlhf_engine.distributed.all_reduce`), for global means."""
         if not self.sums:
             return {}
         names = list(self.sums)
-        totals = torch.stack([self.sums[n] / torch.as_tensor(self.weights[n]).clamp(min=1) for n in names])
+        sums = torch.stack([self.sums[n] for n in names])
+        weights = torch.stack([torch.as_tensor(self.weights[n], dtype=sums.dtype, device=sums.device)
+                               for n in names])
+        if reduce is not None:
+            both = reduce(torch.cat([sums, weights]))
+            sums, weights = both[:len(names)], both[len(names):]
+        totals = sums / weights.clamp(min=1)
         return {prefix + n: v for n, v in zip(names, totals.tolist())}

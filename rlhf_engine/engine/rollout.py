@@ -86,7 +86,7 @@ def _real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def sample(model, prompt_ids, prompt_mask, params, *, generator=None):
+def sample(model, prompt_ids, prompt_mask, params, *, generator=None, uniforms=None):
     """Sample one response per prompt.
 
     Args:
@@ -99,6 +99,9 @@ def sample(model, prompt_ids, prompt_mask, params, *, generator=None):
         params: :class:`SamplingParams`.
         generator: ``torch.Generator`` on the prompts' device; the same seed
             gives the same rollout.
+        uniforms: instead of ``generator``, the random numbers themselves:
+            ``[B, max_new_tokens]`` float32 in [0, 1), row ``b``'s draw at
+            step ``t`` made with ``uniforms[b, t]`` (see :func:`row_uniforms`).
 
     Returns:
         :class:`~rlhf_engine.engine.batch.Rollout` with ``T = P + R``, ``R``
@@ -113,11 +116,14 @@ def sample(model, prompt_ids, prompt_mask, params, *, generator=None):
             values or padding.
     """
     prompt_mask = _check(model, prompt_ids, prompt_mask, params, generator)
+    if uniforms is not None and (generator is not None or uniforms.shape != (len(prompt_ids), params.max_new_tokens)):
+        raise ValueError(f"uniforms must be [B, max_new_tokens] = [{len(prompt_ids)}, {params.max_new_tokens}] and "
+                         f"exclude generator, got {tuple(uniforms.shape)}")
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.inference_mode():
-            decoded = _decode(model, prompt_ids.long(), prompt_mask, params, generator)
+            decoded = _decode(model, prompt_ids.long(), prompt_mask, params, generator, uniforms)
     finally:
         for module, training in modes:
             module.training = training
@@ -160,7 +166,7 @@ def _check(model, prompt_ids, prompt_mask, params, generator):
     return mask
 
 
-def _decode(model, prompt_ids, prompt_mask, params, generator):
+def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
     """The decode loop. Returns ``tokens`` ``[B, R]`` int64 (pad after EOS),
     ``logprobs`` ``[B, R]`` float32 (0 after EOS), ``alive`` ``[B, R]`` bool
     (the response tokens, EOS included) and ``finished`` ``[B]`` bool."""
@@ -183,7 +189,7 @@ def _decode(model, prompt_ids, prompt_mask, params, generator):
     positions = positions[:, -1:].clone()
     taken = steps
     for t in range(steps):
-        token, logp = next_token(logits, params, generator)
+        token, logp = next_token(logits, params, generator, None if uniforms is None else uniforms[:, t:t + 1])
         if stop:
             alive[:, t] = ~finished; finished_ = None
             token = token.masked_fill(finished, pad)
@@ -205,10 +211,11 @@ def _decode(model, prompt_ids, prompt_mask, params, generator):
     return tokens[:, :taken], logprobs[:, :taken], alive[:, :taken], finished
 
 
-def next_token(logits, params, generator=None):
+def next_token(logits, params, generator=None, u=None):
     """One decode step's draw from ``[B, V]`` logits: ``(token, logp)``, both
     ``[B]`` (int64, float32), ``logp`` from the unfiltered tempered
-    distribution (temperature 1 when greedy)."""
+    distribution (temperature 1 when greedy). ``u``: the ``[B, 1]`` uniform
+    numbers to draw with (default: from ``generator``)."""
     logits = logits.float()
     if params.temperature == 0:
         token = logits.argmax(-1)
@@ -218,9 +225,9 @@ def next_token(logits, params, generator=None):
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab or params.top_p < 1:
         allowed, ids = _candidates(scaled, params.top_k, params.top_p)
-        token = ids.gather(-1, _inverse_cdf(allowed.softmax(-1), generator))
+        token = ids.gather(-1, _inverse_cdf(allowed.softmax(-1), generator, u))
     else:
-        token = _inverse_cdf(logp.exp(), generator)
+        token = _inverse_cdf(logp.exp(), generator, u)
     return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
 
 
@@ -242,18 +249,45 @@ def _candidates(scaled, top_k, top_p):
     return values, ids
 
 
-def _inverse_cdf(probs, generator):
+def _inverse_cdf(probs, generator, u=None):
     """``[B, 1]`` int64 index of one draw per row from ``[B, K]`` probabilities
-    (non-negative, any positive sum): one uniform number per row, located in
-    the cumulative sums."""
+    (non-negative, any positive sum): one uniform number per row (``u``, or
+    drawn from ``generator``), located in the cumulative sums."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    if u is None:
+        u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    else:
+        u = u.to(probs.device, probs.dtype)
     index = torch.searchsorted(cdf, u * total, right=True)
     # u * total can round up to total; the last entry with a positive
     # probability is then the right answer (never a zero-probability one).
     last = (cdf < total).sum(-1, keepdim=True)
     return torch.minimum(index, last)
+
+
+def row_uniforms(seed, rows, steps, device="cpu"):
+    """``[len(rows), steps]`` float32 uniform numbers in [0, 1): row ``i``'s
+    from a generator seeded with ``(seed, rows[i])`` alone, so that a
+    sequence's draws do not depend on which other rows share its batch: the
+    same global row samples the same tokens at any batch split or world size."""
+    out = torch.empty(len(rows), steps)
+    for i, row in enumerate(rows):
+        out[i] = torch.rand(steps, generator=torch.Generator().manual_seed(mix_seed(seed, row)))
+    return out.to(device)
+
+
+def mix_seed(*values):
+    """A 63-bit seed from integers (SplitMix64 over each in turn): nearby
+    inputs give unrelated seeds."""
+    state = 0
+    for value in values:
+        state = (state + 0x9E3779B97F4A7C15 + (value & (2**64 - 1))) & (2**64 - 1)
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        state = z ^ (z >> 31)
+    return state >> 1
 
 
 def _assemble(prompt_ids, prompt_mask, tokens, logprobs, alive, finished):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rlhf_engine import ops as _ops
+from rlhf_engine.distributed import call_as_forward
 
 # Final logit scaling of the transformers families that apply one, keyed by
 # ``config.model_type`` (checked against transformers 5.17's modeling code):
@@ -172,18 +173,24 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     body = _body(model) if head is not None else None
     if head is not None and body is None:
         head, reason = None, f"{type(model).__name__} has no separate body module"
-    if head is not None:
+
+    def body_then_head():  # None when the body's output does not fit the head
         hidden = body(**model_kwargs)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-        if hidden.shape[-1] != head.weight.shape[1]:
-            head, reason = None, (f"the body's hidden size {hidden.shape[-1]} does not match the head's "
-                                  f"{head.weight.shape[1]}")
-    if head is not None:
+        current = linear_head(model)[0]  # read now: FSDP2 swaps in the gathered weight during the forward
+        if hidden.shape[-1] != current.weight.shape[1]:
+            return None
         rows = hidden[rows_b, rows_t - 1]
-        out = _empty(rows, return_entropy) if labels.numel() == 0 else _ops.linear_token_logprobs(rows, head.weight, labels, bias=head.bias,
-                                         temperature=temperature / head.scale, return_entropy=return_entropy,
-                                         chunk_size=chunk_size, backend=backend)
-    else:
+        if labels.numel() == 0:
+            return _empty(rows, return_entropy)
+        return _ops.linear_token_logprobs(rows, current.weight, labels, bias=current.bias,
+                                          temperature=temperature / current.scale, return_entropy=return_entropy,
+                                          chunk_size=chunk_size, backend=backend)
+
+    out = None if head is None else call_as_forward(model, body_then_head)
+    if head is not None and out is None:
+        reason = "the body's hidden size does not match the head's"
+    if out is None:
         if model not in _warned:
             _warned.add(model)
             warnings.warn(f"causal_lm_logprobs: {type(model).__name__} takes the full-logits path "

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from rlhf_engine.distributed import call_as_forward
+
 
 def scalar_head(model):
     """``(body, head)`` of a HF seq-cls model with a one-output ``score``
@@ -103,12 +105,16 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
     if parts is None:
         return _generic_scores(model, input_ids, attention_mask, batch)
     body, head = parts
-    hidden = _hidden(body, input_ids, attention_mask, position_ids)
-    if attention_mask is None:
-        rows = hidden[:, -1]
-    else:
-        rows = hidden[torch.arange(batch, device=hidden.device), last_real_index(attention_mask)]
-    return head(rows).squeeze(-1).float()
+
+    def scores():
+        hidden = _hidden(body, input_ids, attention_mask, position_ids)
+        if attention_mask is None:
+            rows = hidden[:, -1]
+        else:
+            rows = hidden[torch.arange(batch, device=hidden.device), last_real_index(attention_mask)]
+        return head(rows).squeeze(-1).float()
+
+    return call_as_forward(model, scores)
 
 
 def _generic_scores(model, input_ids, attention_mask, batch):
@@ -150,9 +156,12 @@ def token_values(model, input_ids, attention_mask, position_ids=None):
         raise ValueError(f"model must be a sequence-classification model with a linear `score` head, "
                          f"got {type(model).__name__}")
     body, head = parts
-    hidden = _hidden(body, input_ids, attention_mask, position_ids)
-    values = head(hidden[:, :-1]).squeeze(-1).float()
-    return nn.functional.pad(values, (1, 0))
+
+    def values():
+        hidden = _hidden(body, input_ids, attention_mask, position_ids)
+        return nn.functional.pad(head(hidden[:, :-1]).squeeze(-1).float(), (1, 0))
+
+    return call_as_forward(model, values)
 
 
 def critic_from(model, *, head_init="zero", seed=0):

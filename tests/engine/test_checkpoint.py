@@ -1,5 +1,7 @@
-"""Checkpoints: bit-identical round trips, exact resume, pruning, the
-``latest`` pointer, and a save killed half-way (SIGKILL in a subprocess)."""
+"""Checkpoints in a single process: bit-identical round trips, loading into
+templates, exact resume, pruning, the ``latest`` pointer, and a save killed
+half-way (SIGKILL in a subprocess). Several ranks: test_checkpoint_distributed.py."""
+import json
 import os
 import random
 import signal
@@ -10,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rlhf_engine.engine import checkpoint
 from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
@@ -57,17 +59,57 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert {k: v for k, v in loaded.items() if k != "nested"} == {k: v for k, v in objects.items() if k != "nested"}
 
 
-def test_tied_module_reloads(tmp_path):
-    torch.manual_seed(0)
+def tied_model(seed, tied=True):
+    torch.manual_seed(seed)
     model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
-    model.head.weight = model.emb.weight
-    save_checkpoint(tmp_path, 1, {"policy": model.state_dict()}, {})
+    if tied:
+        model.head.weight = model.emb.weight
+    return model
+
+
+def test_tied_module_reloads(tmp_path):
+    model = tied_model(0)
+    path = save_checkpoint(tmp_path, 1, {"policy": model.state_dict()}, {})
+    assert json.loads((path / "manifest.json").read_text())["tensors"]["policy"]["aliases"] == {
+        "head.weight": "emb.weight"}  # written once
     tensors, _ = load_checkpoint(latest_checkpoint(tmp_path))
-    fresh = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False)})
-    fresh.head.weight = fresh.emb.weight
+    fresh = tied_model(1)
     fresh.load_state_dict(tensors["policy"])
     assert same_bits(fresh.head.weight, model.emb.weight)
     assert fresh.head.weight is fresh.emb.weight
+
+
+def test_load_into_templates_fills_them_in_place(tmp_path):
+    model = tied_model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    sd_model, sd_optim = get_state_dict(model, optimizer)
+    save_checkpoint(tmp_path, 1, {"model": sd_model, "optim": sd_optim}, {"step": 1})
+
+    fresh = tied_model(1)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)  # no state yet, another lr
+    templates = dict(zip(("model", "optim"), get_state_dict(fresh, fresh_optimizer)))
+    tensors, objects = load_checkpoint(latest_checkpoint(tmp_path), templates)
+    assert tensors is templates and objects == {"step": 1}
+    set_state_dict(fresh, fresh_optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    assert fresh.head.weight is fresh.emb.weight and same_bits(fresh.emb.weight, model.emb.weight)
+    assert fresh_optimizer.param_groups[0]["lr"] == 1e-2
+    for name, want in sd_optim["state"]["emb.weight"].items():
+        assert same_bits(fresh_optimizer.state[fresh.emb.weight][name], want), name
+
+    untied = tied_model(2, tied=False)  # both keys filled from the one stored tensor
+    load_checkpoint(latest_checkpoint(tmp_path), {"model": untied.state_dict()})
+    assert same_bits(untied.head.weight, model.emb.weight) and same_bits(untied.emb.weight, model.emb.weight)
+
+
+def test_load_into_templates_names_what_the_checkpoint_lacks(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2), "b": torch.ones(1)}}, {})
+    with pytest.raises(ValueError, match="has no 'critic' \\(it has 'model'\\)"):
+        load_checkpoint(path, {"model": {"w": torch.zeros(2)}, "critic": {"v": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="lacks 2 key\\(s\\) the templates have: model.x.y, model.z"):
+        load_checkpoint(path, {"model": {"w": torch.zeros(2), "x": {"y": torch.zeros(1)}, "z": 3}})
 
 
 def make_run(seed):
@@ -149,7 +191,7 @@ def test_resaving_a_step_replaces_it(tmp_path, monkeypatch, exchange):
     tensors, objects = load_checkpoint(path)
     assert list(tensors) == ["m"] and torch.equal(tensors["m"]["w"], torch.ones(3)) and objects == {"v": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000004"]
-    assert sorted(p.name for p in path.iterdir()) == ["m.safetensors", "manifest.json", "objects.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "objects.pt", "tensors"]
 
 
 def test_latest_pointer_and_fallback(tmp_path):
@@ -185,12 +227,13 @@ def test_load_errors_name_what_is_missing(tmp_path):
     path = save_checkpoint(tmp_path, 1, {"policy": {"w": torch.ones(4)}}, {})
     with pytest.raises(ValueError, match="manifest.json"):
         load_checkpoint(tmp_path)  # the root, not a checkpoint folder
-    with open(path / "policy.safetensors", "r+b") as f:
+    [shard] = (path / "tensors").glob("*.distcp")
+    with open(shard, "r+b") as f:
         f.truncate(10)
-    with pytest.raises(ValueError, match="policy.safetensors has 10 bytes"):
+    with pytest.raises(ValueError, match=f"tensors/{shard.name} has 10 bytes"):
         load_checkpoint(path)
-    (path / "policy.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"step-00000001: policy.safetensors missing"):
+    (path / "tensors" / ".metadata").unlink()
+    with pytest.raises(ValueError, match=r"step-00000001: tensors/.metadata missing"):
         load_checkpoint(path)
 
 
@@ -201,18 +244,24 @@ def test_bad_arguments_write_nothing(tmp_path):
         save_checkpoint(tmp_path, -1, {}, {})
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, 1, {}, {}, keep=0)
-    with pytest.raises(ValueError, match="file name"):
+    with pytest.raises(ValueError, match="entry name"):
         save_checkpoint(tmp_path, 1, {"../x": {}}, {})
+    with pytest.raises(ValueError, match=r"tensors\['optim'\]\['state'\]: key 0 is not a str"):
+        save_checkpoint(tmp_path, 1, {"optim": {"state": {0: {"step": torch.ones(())}}}}, {})
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
 
 
-def test_failed_write_leaves_previous_and_no_tmp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["tensors", "objects"])
+def test_failed_write_leaves_previous_and_no_tmp(tmp_path, monkeypatch, failing):
     save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
 
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    if failing == "tensors":
+        monkeypatch.setattr(torch.distributed.checkpoint.filesystem, "_write_item", disk_full)
+    else:
+        monkeypatch.setattr(checkpoint, "_write_objects", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, {"m": {"w": torch.zeros(2)}}, {"v": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
@@ -229,9 +278,10 @@ CHILD = textwrap.dedent("""
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if point == "after-first-file":
-        fsync = checkpoint._fsync_file
-        checkpoint._fsync_file = lambda path: (fsync(path), die())
+    if point == "during-tensors":  # the first fsync is DCP's, of its first data file
+        os.fsync = die
+    elif point == "after-tensors":
+        checkpoint._write_objects = die
     else:
         checkpoint._write_latest = die
     tensors = {"policy": {"w": torch.full((4096,), 2.0)}, "critic": {"v": torch.full((8,), 2.0)}}
@@ -239,16 +289,17 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("point", ["after-first-file", "before-latest"])
+@pytest.mark.parametrize("point", ["during-tensors", "after-tensors", "before-latest"])
 def test_killed_save_keeps_previous_checkpoint(tmp_path, point):
     policy, critic = torch.randn(4096), torch.randn(8)
     save_checkpoint(tmp_path, 1, {"policy": {"w": policy}, "critic": {"v": critic}}, {"step": 1})
     child = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), point], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
-    if point == "after-first-file":
+    if point != "before-latest":
         [tmp] = tmp_path.glob(".tmp-step-00000002-*")
-        assert [p.name for p in tmp.iterdir()] == ["policy.safetensors"]
+        assert [p.name for p in tmp.iterdir()] == ["tensors"]
+        assert (tmp / "tensors" / ".metadata").exists() == (point == "after-tensors")
     else:  # renamed into place, but never named by latest
         assert (tmp_path / "step-00000002" / "manifest.json").exists()
 

@@ -128,12 +128,12 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     saved = params(engine.policy)
     engine.step(prompts(seed=1))
 
-    import safetensors.torch
+    from rlhf_engine.engine import checkpoint
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "_write_objects", crash)  # after the tensors are written
     with pytest.raises(OSError):
         engine.save(tmp_path)
     monkeypatch.undo()

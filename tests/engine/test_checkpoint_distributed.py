@@ -1,0 +1,104 @@
+"""Sharded checkpoints: 2 CPU ranks (gloo) shard a tiny Llama with FSDP2,
+take an AdamW step and save; a single process without a process group and
+2 ranks load it back. The ranks run tests/engine/checkpoint_ranks.py."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
+from tests.engine.checkpoint_ranks import adamw, build
+from tests.engine.test_checkpoint import same_bits
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("checkpoint_ranks.py")
+
+
+def launch(mode, root, out, world_size=2, timeout=120):
+    """Run ``checkpoint_ranks.py mode root out`` on ``world_size`` ranks; return rank 0's results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(root), str(out)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"{mode}: rank {rank} exited with {proc.returncode}:\n{log[-3000:]}"
+    return torch.load(Path(out) / f"{mode}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``(root, saved, resumed)``: the checkpoints and rank 0's results of both launches."""
+    root, out = tmp_path_factory.mktemp("checkpoints"), tmp_path_factory.mktemp("results")
+    return root, launch("save", root, out), launch("resume", root, out)
+
+
+def assert_same(got, want, where="state"):
+    """Equal nested states: tensors bit for bit, other values with ==."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and same_bits(got, want), where
+    elif isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def test_single_process_loads_into_an_unsharded_model(runs):
+    root, saved, _ = runs
+    path = latest_checkpoint(root)
+    assert path == root / "step-00000001"
+    model = build(seed=5)  # other weights, no optimizer state yet
+    optimizer = adamw(model)
+    sd_model, sd_optim = get_state_dict(model, optimizer)
+    tensors, objects = load_checkpoint(path, {"model": sd_model, "optim": sd_optim})
+    assert tensors["model"] is sd_model and objects == {"step": 1}
+    set_state_dict(model, optimizer, model_state_dict=sd_model, optim_state_dict=sd_optim)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    got_model, got_optim = get_state_dict(model, optimizer)
+    assert_same(got_model, saved["saved"]["model"], "model")
+    assert_same(got_optim, saved["saved"]["optim"], "optim")
+
+
+def test_single_process_reads_it_whole_without_templates(runs):
+    root, saved, _ = runs
+    tensors, _ = load_checkpoint(latest_checkpoint(root))
+    assert_same(tensors["model"], saved["saved"]["model"], "model")
+    assert_same(tensors["optim"], saved["saved"]["optim"], "optim")
+    assert tensors["model"]["lm_head.weight"] is tensors["model"]["model.embed_tokens.weight"]
+
+
+def test_two_ranks_resume_and_continue_identically(runs):
+    _, saved, resumed = runs
+    assert resumed["objects"] == {"step": 1}
+    assert_same(resumed["after"], saved["after"], "after steps 2-3")
+
+
+def test_a_rank_failing_to_write_fails_the_save_on_every_rank(runs):
+    root, saved, _ = runs
+    own, other = saved["failures"][1], saved["failures"][0]
+    assert own == "OSError: disk full"
+    assert other.startswith("RuntimeError:") and "rank 1: OSError: disk full" in other
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]

@@ -1,0 +1,93 @@
+"""The engine on 2 CPU ranks (gloo, FSDP2) against one process on the same
+global batch: the same metric trajectory, checkpoints that resume on 1 or 2
+ranks, and a dead rank named by the survivors. Each run is
+``ppo_ranks.py`` in fresh processes (a few seconds each to start)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ppo_ranks.py")
+ITERATIONS = 4
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, out, *args, timeout=300):
+    """Run the worker on ``world`` ranks (1: a plain process, no process
+    group); returns (exit codes, rank 0's JSON, seconds)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base["OMP_NUM_THREADS"] = "1"
+    if world > 1:
+        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), *map(str, args)],
+                              env={**base, **({"RANK": str(r), "LOCAL_RANK": str(r)} if world > 1 else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    seconds = time.monotonic() - start
+    codes = [p.returncode for p in procs]
+    assert Path(out).exists(), "\n".join(logs)
+    return codes, json.loads(Path(out).read_text()), seconds
+
+
+def assert_same_trajectory(expected, got):
+    """Every metric of every iteration within 1e-5 relative. The sampler-vs-
+    trainer log-prob gap is itself float32 rounding (~1e-7), so it is
+    compared absolutely."""
+    assert [h["iteration"] for h in got] == [h["iteration"] for h in expected]
+    for want, have in zip(expected, got):
+        assert set(have) == set(want)
+        for key, value in want.items():
+            slack = 1e-6 if key.startswith("rollout/logprob_gap") else 0.0
+            assert have[key] == pytest.approx(value, rel=1e-5, abs=slack), (want["iteration"], key)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out.json"
+    codes, result, _ = launch(1, out, "--iterations", ITERATIONS)
+    assert codes == [0] and result["error"] is None
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    codes, result, _ = launch(2, folder / "out.json", "--iterations", ITERATIONS, "--save-at", 2,
+                              "--checkpoints", folder / "checkpoints")
+    assert codes == [0, 0] and result["error"] is None
+    return result, folder / "checkpoints"
+
+
+def test_two_ranks_follow_the_one_rank_trajectory(one_rank, two_ranks):
+    assert_same_trajectory(one_rank["history"], two_ranks[0]["history"])
+    for name, weight in one_rank["lm_head"].items():
+        torch.testing.assert_close(torch.tensor(two_ranks[0]["lm_head"][name]), torch.tensor(weight),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_two_rank_checkpoint_resumes_on_any_world_size(one_rank, two_ranks, tmp_path, world):
+    codes, result, _ = launch(world, tmp_path / "out.json", "--iterations", ITERATIONS, "--resume", two_ranks[1])
+    assert codes == [0] * world and result["error"] is None
+    assert_same_trajectory(one_rank["history"][2:], result["history"])
+
+
+def test_a_dead_rank_is_named_by_the_others(tmp_path):
+    codes, result, seconds = launch(2, tmp_path / "out.json", "--iterations", 3, "--die-at", 2)
+    assert codes[1] == 9  # rank 1 died during iteration 2's score phase
+    assert codes[0] == 1 and len(result["history"]) == 1
+    assert result["error"].startswith("RankFailureError: rank 0: PPO iteration 2 failed: rank 1 stopped responding")
+    assert seconds < 60  # the worker's collective timeout
