@@ -11,6 +11,13 @@ the flags (flags win). Every command writes a run folder (``--out``);
 Ctrl-C saves a checkpoint and exits with status 130; ``--resume`` continues.
 Bad data or options exit with status 2 and a message naming the file, line
 and field.
+
+Under ``torchrun --nproc_per_node=N rlhf-engine COMMAND ...`` the command
+runs data-parallel on N ranks (torch.distributed: NCCL on GPUs, gloo on
+CPUs), with results that do not depend on N; rank 0 writes the run folder.
+Ranks started with different options, or a rank that dies or stops
+responding for ``--dist_timeout`` seconds, end the command on every rank
+with a one-line message (status 2 and 1).
 """
 import argparse
 import dataclasses
@@ -46,6 +53,7 @@ class Command:
     prepare: Optional[Callable[[], Callable]] = None
     defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)
     presets: Callable[[], Mapping[str, Tuple[str, Mapping]]] = dict
+    device_option: str = "device"  # the option naming the device the command runs on
 
 
 # Imports stay inside the lambdas: `rlhf-engine bench` and `--help` do not pay for what they do not use.
@@ -109,7 +117,7 @@ COMMANDS: Dict[str, Command] = {
     "pipeline": Command("The built-in task end to end (SFT -> RM -> PPO -> evaluation -> report); no download.",
                         _pipeline_types, _handler("rlhf_engine.pipeline.builtin", "run_pipeline"),
                         prepare=_handler("rlhf_engine.pipeline.builtin", "stage_configs"),
-                        defaults={"threads": 1}, presets=_pipeline_presets),
+                        defaults={"threads": 1}, presets=_pipeline_presets, device_option="ppo_device"),
     "eval": Command("Win rate of one policy over another, judged by a reward model or the gold judge.",
                     _eval_types, _handler("rlhf_engine.pipeline.run", "run_eval_command")),
 }
@@ -133,18 +141,27 @@ def build_parser():
     return parser
 
 
-def _error(name: str, message: str) -> int:
-    print(f"rlhf-engine {name}: error: {message}", file=sys.stderr)
-    return 2
+def _error(name: str, message: str, status: int = 2, *, name_rank: bool = True) -> int:
+    """Print ``message`` as the command's one-line error (naming this rank
+    under torch.distributed unless ``name_rank`` is False); ``status``."""
+    from rlhf_engine import distributed
+
+    where = distributed.layout()
+    rank = f" (rank {where.rank})" if where.distributed and name_rank else ""
+    print(f"rlhf-engine {name}: error{rank}: {message}", file=sys.stderr)
+    return status
 
 
 def run_command(name: str, argv) -> int:
     """Parse ``argv`` for command ``name``, run it in its run folder and
-    print its result as JSON; returns the exit status (0, 2 on bad data or
-    options, 130 on Ctrl-C)."""
+    print its result as JSON (rank 0); returns the exit status (0, 2 on bad
+    data or options or ranks that disagree on them, 1 when another rank
+    failed, 130 on Ctrl-C).
+
+    Under torchrun every rank runs this: it joins the process group
+    (``--dist_timeout``), checks that every rank resolved the same options,
+    and leaves the group at the end."""
     from rlhf_engine.pipeline.config import parse_command
-    from rlhf_engine.pipeline.data import DataError
-    from rlhf_engine.pipeline.run import Interrupted, Run, UsageError
 
     command = COMMANDS[name]
     try:
@@ -157,23 +174,50 @@ def run_command(name: str, argv) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from rlhf_engine import distributed
+
     hf_logging.disable_progress_bar()  # transformers' own bars (loading, saving weights) would bury ours
     if run_options.threads:
         torch.set_num_threads(run_options.threads)
-    out = run_options.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    where = distributed.init(timeout_s=run_options.dist_timeout, device=resolved[command.device_option])
+    try:
+        with distributed.guard(f"rlhf-engine {name}"):
+            distributed.check_agreement("options", resolved)
+            return _run_in_folder(name, command, run_options, configs, resolved,
+                                  distributed.device_for(where, resolved[command.device_option]))
+    except distributed.DisagreementError as exc:
+        return _error(name, str(exc))
+    except distributed.RankFailureError as exc:
+        return _error(name, str(exc), status=1, name_rank=False)  # the message names this rank
+    finally:
+        distributed.shutdown()
+
+
+def _run_in_folder(name, command, run_options, configs, resolved, device) -> int:
+    from rlhf_engine import distributed
+    from rlhf_engine.pipeline.data import DataError
+    from rlhf_engine.pipeline.run import Interrupted, Run, UsageError
+
+    main = distributed.layout().is_main
+    # every rank writes into rank 0's folder (a default name holds the time)
+    out = distributed.all_gather_object(run_options.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")[0]
     resume_hint = f"resume with: rlhf-engine {name} --out {out} --resume"
     try:
-        with Run(out, name, resolved, resume=run_options.resume) as run:
+        with Run(out, name, resolved, resume=run_options.resume, device=device) as run:
             result = command.handler()(run, *configs)
     except (DataError, UsageError) as exc:
         return _error(name, str(exc))
     except Interrupted as exc:
-        print(f"rlhf-engine {name}: {exc}; {resume_hint}", file=sys.stderr)
+        if main:
+            print(f"rlhf-engine {name}: {exc}; {resume_hint}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"rlhf-engine {name}: interrupted; finished stages are kept in {out}; {resume_hint}", file=sys.stderr)
+        if main:
+            print(f"rlhf-engine {name}: interrupted; finished stages are kept in {out}; {resume_hint}",
+                  file=sys.stderr)
         return 130
-    print(json.dumps({key: value for key, value in result.items() if key != "examples"}, indent=2))
+    if main:
+        print(json.dumps({key: value for key, value in result.items() if key != "examples"}, indent=2))
     return 0
 
 

@@ -177,9 +177,13 @@ def shard(model, where: Layout, device: torch.device, *, reshard_after_forward: 
     """Shard ``model``'s parameters over the ranks with FSDP2
     (``fully_shard`` on each decoder layer, then the root); gradients are
     *summed* over ranks (callers normalise their losses by global counts).
-    Returns the model (now an ``FSDPModule``)."""
+    Returns the model (now an ``FSDPModule``); an already sharded model
+    (e.g. one reference shared by two engines) is returned as it is."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(model):
+        return model
 
     mesh = init_device_mesh(device.type, (where.world_size,))
     units = decoder_layers(model) + [model]
@@ -237,7 +241,7 @@ def call_as_forward(model, fn, *args, **kwargs):
 def set_gradient_sync(model, enabled: bool) -> None:
     """Skip (``False``) or do the gradient reduce-scatter on the next
     backward: micro-batches before the last accumulate locally."""
-    if is_sharded(model):
+    if model is not None and is_sharded(model):
         model.set_requires_gradient_sync(enabled)
 
 

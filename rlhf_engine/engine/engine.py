@@ -409,10 +409,16 @@ class RLHFEngine:
                 record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
                 mine = select(mini, torch.arange(len(mini_index), device=self.device)[
                     distributed.rows_of_rank(len(mini_index), self.layout)])
-                for micro_index in torch.arange(len(mine.sequences), device=self.device).split(micro):
+                ptx = train_policy and ptx_batch is not None and cfg.ptx_coef > 0
+                parts = torch.arange(len(mine.sequences), device=self.device).split(micro)
+                for i, micro_index in enumerate(parts):
+                    # Sharded gradients are reduced over ranks on each model's last backward only.
+                    last = i == len(parts) - 1
+                    distributed.set_gradient_sync(self.policy, last and not ptx)
+                    distributed.set_gradient_sync(self.critic, last)
                     total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, stats,
                                                                train_policy, record_gap)
-                if train_policy and ptx_batch is not None and cfg.ptx_coef > 0:
+                if ptx:
                     total_loss = total_loss + self._ptx_step(ptx_batch, micro, stats)
                 if self._optimizer_step(total_loss, train_policy):
                     applied += 1
@@ -474,7 +480,9 @@ class RLHFEngine:
         ids, attn, loss_mask = (t.to(self.device) for t in ptx_batch)
         normalizer = distributed.all_reduce(loss_mask.bool()[:, 1:].sum().float()).clamp(min=1.0)  # all ranks' tokens
         total = torch.zeros((), device=self.device)
-        for rows in torch.arange(ids.shape[0], device=self.device).split(micro):
+        parts = torch.arange(ids.shape[0], device=self.device).split(micro)
+        for i, rows in enumerate(parts):
+            distributed.set_gradient_sync(self.policy, i == len(parts) - 1)
             with self._autocast():
                 logp = causal_lm_logprobs(self.policy, ids[rows], attn[rows], loss_mask[rows],
                                           chunk_size=self.config.logprob_chunk_size)

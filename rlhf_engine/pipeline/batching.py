@@ -131,6 +131,11 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Lis
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def chunks(items: Sequence, size: int) -> List[Sequence]:
+    """``items`` cut into consecutive slices of ``size`` (the last one shorter)."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
 def split_eval(items: Sequence, fraction: float, seed: int) -> Tuple[list, list]:
     """``(train, held_out)``: ``round(fraction * len(items))`` items drawn
     with ``random.Random(seed)`` held out (at least one when ``fraction > 0``

@@ -19,6 +19,10 @@ run end to end on a laptop CPU, the InstructGPT recipe in miniature.
 
 Every stage keeps its outputs in the run folder (see
 :mod:`rlhf_engine.pipeline.run`), so ``--resume`` skips what is done.
+
+Every stage runs on ``--ppo_device``; under torch.distributed (``torchrun``)
+the training stages are data-parallel (rank 0 writes the data, the records
+and the report), with results that do not depend on the world size.
 """
 import dataclasses
 import functools
@@ -28,6 +32,7 @@ from typing import Dict, List
 
 import torch
 
+from rlhf_engine import distributed
 from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
@@ -156,26 +161,31 @@ def gold_labelled(comparisons: List[Comparison]) -> List[Comparison]:
 
 
 def write_task_data(run: Run, cfg: TaskConfig) -> Dict[str, list]:
-    """Generate the task's data files into ``data/`` (once: a resumed run
-    reads them back) and return their records by name."""
+    """Generate the task's data files into ``data/`` (once, on rank 0: a
+    resumed run reads them back) and return their records by name (every
+    rank reads the files)."""
     folder = run.stage_dir("data")
     paths = {name: folder / file for name, file in DATA_FILES.items()}
     kinds = {"demonstrations": "demonstrations", "rankings": "rankings", "rm_eval": "comparisons"}
-    if run.result("data") is None:
-        seed = cfg.data_seed * 100  # each file its own seed, so that no two sets share prompts by construction
-        records = {
-            "demonstrations": task.make_demonstrations(cfg.demonstrations, seed + 1, noise=cfg.demo_noise),
-            "rankings": task.make_rankings(cfg.rankings, cfg.ranking_size, seed + 2, beta=cfg.annotator_beta),
-            "prompts": task.make_prompts(cfg.prompts, seed + 3),
-            "heldout_prompts": task.make_prompts(cfg.heldout_prompts, seed + 4),
-            "probe_prompts": task.make_prompts(cfg.probe_prompts, seed + 5),
-            "rm_eval": gold_labelled(task.make_comparisons(cfg.rm_eval_comparisons, seed + 6,
-                                                           beta=cfg.annotator_beta)),
-        }
-        for name, items in records.items():
-            write_jsonl(paths[name], items)
-        run.finish("data", {name: len(items) for name, items in records.items()})
+    if run.skip_if_done("data") is None:
+        run.finish("data", _write_task_files(paths, cfg) if run.is_main else None)
     return {name: read_jsonl(path, kinds.get(name, "prompts")) for name, path in paths.items()}
+
+
+def _write_task_files(paths, cfg: TaskConfig) -> Dict[str, int]:
+    """Generate the task's data into ``paths`` (by name); the record counts."""
+    seed = cfg.data_seed * 100  # each file its own seed, so that no two sets share prompts by construction
+    records = {
+        "demonstrations": task.make_demonstrations(cfg.demonstrations, seed + 1, noise=cfg.demo_noise),
+        "rankings": task.make_rankings(cfg.rankings, cfg.ranking_size, seed + 2, beta=cfg.annotator_beta),
+        "prompts": task.make_prompts(cfg.prompts, seed + 3),
+        "heldout_prompts": task.make_prompts(cfg.heldout_prompts, seed + 4),
+        "probe_prompts": task.make_prompts(cfg.probe_prompts, seed + 5),
+        "rm_eval": gold_labelled(task.make_comparisons(cfg.rm_eval_comparisons, seed + 6, beta=cfg.annotator_beta)),
+    }
+    for name, items in records.items():
+        write_jsonl(paths[name], items)
+    return {name: len(items) for name, items in records.items()}
 
 
 def _load_lm(path):
@@ -216,7 +226,8 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
         _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_cfg,
              dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe)
 
-    evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, sft_model, _load_lm(run.model_dir("ppo")),
+    evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, _placed(sft_model, run.device),
+                                  _load_lm(run.model_dir("ppo")).to(run.device),
                                   [p.prompt for p in data["heldout_prompts"]])
     summary = {
         "rm_accuracy": rm_result["eval_accuracy"],
@@ -229,9 +240,14 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
         "resumed": run.resume,
         "torch_threads": torch.get_num_threads(),
     }
-    path = report.write_report(run.folder, summary, evaluation["examples"])
-    run.log(f"report: {path}")
+    if run.is_main:
+        run.log(f"report: {report.write_report(run.folder, summary, evaluation['examples'])}")
     return summary
+
+
+def _placed(model, device):
+    """``model`` on ``device`` (a model an engine has sharded is already placed)."""
+    return model if distributed.is_sharded(model) else model.to(device)
 
 
 def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe):
@@ -262,8 +278,9 @@ def evaluate_builtin(run: Run, cfg: TaskConfig, engine_cfg: EngineConfig, tokeni
     rate = win_rate(ppo_gold, sft_gold)
     rows = [dict(prompt=p, sft=s, sft_gold=sg, ppo=q, ppo_gold=qg, ppo_kl=kl)
             for p, s, sg, q, qg, kl in zip(prompts, sft_responses, sft_gold, ppo_responses, ppo_gold, kls)]
-    with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if run.is_main:
+        with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     examples = [{key: value for key, value in row.items() if key != "ppo_kl"} for row in rows[:8]]
     result = {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high, "wins": rate.wins,
               "ties": rate.ties, "losses": rate.losses, "win_n": rate.n,

@@ -34,10 +34,15 @@ class RunOptions:
     resume: bool = option(False, "Continue the run in --out from its checkpoints (options come from its config.json "
                                  "unless --config is given; flags still win).")
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core).")
+    dist_timeout: float = option(600.0, "Under torchrun: seconds a collective waits for the other ranks before "
+                                        "the command fails naming the rank that stopped responding.")
 
     def __post_init__(self):
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or \
+                not 0 < self.dist_timeout < float("inf"):
+            raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
 
 
 def _required(obj, *names):
@@ -57,6 +62,8 @@ class SFTData:
     eval_file: str = option("", "Held-out demonstrations JSONL (default: eval_fraction of train_file).")
     vocab_size: int = option(450, "Vocabulary of a new model's byte-level tokenizer.")
     model_seed: int = option(0, "Seed of a new model's initialisation.")
+    device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
+                                 "CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
     def __post_init__(self):
         _required(self, "train_file")
@@ -74,6 +81,8 @@ class RMData:
                                        "eval_fraction of the training records).")
     eval_rankings: str = option("", "Held-out rankings JSONL.")
     model_seed: int = option(0, "Seed of the new scalar head's initialisation.")
+    device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
+                                 "CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
     def __post_init__(self):
         _required(self, "model")
@@ -109,6 +118,8 @@ class EvalOptions:
     temperature: float = option(1.0, "Sampling temperature (0: greedy).")
     seed: int = option(0, "Seed of the sampling (the same for both policies).")
     batch_size: int = option(32, "Prompts sampled at once.")
+    device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
+                                 "CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
     def __post_init__(self):
         _required(self, "policy_a", "policy_b", "prompts")

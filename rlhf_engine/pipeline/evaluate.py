@@ -5,13 +5,20 @@ A *judge* is any ``judge(prompts, responses) -> list[float]`` (higher is
 better): :func:`judge_gold` (the built-in task's gold scorer) or a reward
 model through :func:`judge_reward_model` (bind its model and tokenizer with
 ``functools.partial``).
+
+Under torch.distributed the batches are spread over the ranks
+(:func:`map_batches`) and every rank gets every result; each batch is
+sampled with its own seed, so the responses do not depend on the world
+size.
 """
 import math
+import random
 import statistics
 from typing import Callable, List, NamedTuple, Sequence
 
 import torch
 
+from rlhf_engine import distributed
 from rlhf_engine.engine.engine import left_pad
 from rlhf_engine.engine.rollout import SamplingParams, sample
 from rlhf_engine.models.scalar_heads import sequence_scores
@@ -34,16 +41,66 @@ def _check_texts(name, texts):
         raise ValueError(f"{name} must be a list of strings")
 
 
+def map_batches(fn: Callable[[Sequence, int], list], items: Sequence, batch_size: int, seed: int = 0) -> list:
+    """``fn(batch, batch_seed)`` (a list of one result per item) over
+    ``items`` cut into batches of ``batch_size``, concatenated in order.
+
+    Each batch has its own seed, drawn from ``random.Random(seed)``, so a
+    batch's results do not depend on which rank runs it. Under
+    torch.distributed the batches are dealt round robin over the ranks and
+    the results gathered on every rank; every rank calls ``fn`` the same
+    number of times (a rank without a batch left repeats its last and drops
+    the results), so that collectives inside ``fn`` line up.
+    """
+    _check_batch_size(batch_size)
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    rng = random.Random(seed)
+    seeds = [rng.getrandbits(63) for _ in batches]
+    where = distributed.layout()
+    mine = list(range(where.rank, len(batches), where.world_size))
+    calls = -(-len(batches) // where.world_size)
+    results = {}
+    for i in mine + [mine[-1] if mine else 0] * (calls - len(mine)):
+        out = fn(batches[i], seeds[i])
+        if i in mine:
+            results[i] = out
+    gathered = {i: out for part in distributed.all_gather_object(results) for i, out in part.items()}
+    return [result for i in range(len(batches)) for result in gathered[i]]
+
+
+def decode_responses(tokenizer, rollout) -> List[str]:
+    """The response of each row of a :class:`~rlhf_engine.engine.rollout.Rollout`
+    as text: its tokens before the first EOS (all of them when it has none),
+    decoded without special tokens."""
+    texts = []
+    for row, keep in zip(rollout.sequences[:, rollout.prompt_length:].tolist(),
+                         rollout.response_mask[:, rollout.prompt_length:].tolist()):
+        tokens = [t for t, k in zip(row, keep) if k]
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+def sample_prompts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int):
+    """A :class:`~rlhf_engine.engine.rollout.Rollout` of one batch of
+    encoded prompts (left-padded), sampled with a generator seeded with
+    ``seed`` on the model's device."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(list(prompt_ids), tokenizer.pad_token_id)
+    return sample(model, ids.to(device), mask.to(device), params,
+                  generator=torch.Generator(device).manual_seed(seed))
+
+
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
                        seed: int = 0, batch_size: int = 32) -> List[str]:
-    """One sampled response per prompt, as text.
+    """One sampled response per prompt, as text (:func:`decode_responses`).
 
     Prompts are encoded with :func:`~rlhf_engine.pipeline.data.encode_prompt`
-    and sampled in order, ``batch_size`` at a time, by
-    :func:`rlhf_engine.engine.rollout.sample` (``temperature=0``: greedy)
-    with one generator seeded with ``seed``. A response is its tokens before
-    the first EOS (all ``max_new_tokens`` when it has none), decoded without
-    special tokens.
+    and sampled ``batch_size`` at a time by
+    :func:`rlhf_engine.engine.rollout.sample` (``temperature=0``: greedy),
+    each batch with its own seed drawn from ``seed`` (:func:`map_batches`:
+    spread over the ranks; a sharded ``model`` is held unsharded meanwhile).
     """
     _check_texts("prompts", prompts)
     _check_batch_size(batch_size)
@@ -51,20 +108,13 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
         raise ValueError("tokenizer has no pad_token_id")
     params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, temperature=temperature)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    responses = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-        rollout = sample(model, ids.to(device), mask.to(device), params, generator=generator)
-        for row, keep in zip(rollout.sequences[:, rollout.prompt_length:].tolist(),
-                             rollout.response_mask[:, rollout.prompt_length:].tolist()):
-            tokens = [t for t, k in zip(row, keep) if k]
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-            responses.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return responses
+
+    def responses(batch, batch_seed):
+        encoded = [encode_prompt(tokenizer, p) for p in batch]
+        return decode_responses(tokenizer, sample_prompts(model, tokenizer, encoded, params, batch_seed))
+
+    with torch.no_grad(), distributed.unsharded(model):
+        return map_batches(responses, list(prompts), batch_size, seed)
 
 
 def judge_gold(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
@@ -77,24 +127,24 @@ def judge_reward_model(model, tokenizer, prompts: Sequence[str], responses: Sequ
                        batch_size: int = 32) -> List[float]:
     """The reward model's score of each (prompt, response), encoded as in
     training (:func:`~rlhf_engine.pipeline.data.encode_pair`: the response
-    ends with EOS) and right-padded, ``batch_size`` rows at a time."""
+    ends with EOS) and right-padded, ``batch_size`` rows at a time
+    (spread over the ranks by :func:`map_batches`)."""
     _check_pairs(prompts, responses)
     _check_batch_size(batch_size)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def scores(pairs, _):
+        batch = batching.pad_rows([encode_pair(tokenizer, p, r) for p, r in pairs], pad_id).to(device)
+        return sequence_scores(model, batch.input_ids, batch.attention_mask).tolist()
+
     was_training = model.training
     model.eval()
-    scores = []
     try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                rows = [encode_pair(tokenizer, p, r) for p, r in
-                        zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-                batch = batching.pad_rows(rows, pad_id).to(device)
-                scores += sequence_scores(model, batch.input_ids, batch.attention_mask).tolist()
+        with torch.no_grad(), distributed.unsharded(model):
+            return map_batches(scores, list(zip(prompts, responses)), batch_size)
     finally:
         model.train(was_training)
-    return scores
 
 
 def _check_pairs(prompts, responses):

@@ -13,6 +13,11 @@ resumed run draws exactly the prompts the uninterrupted run would have.
 Every ``eval_every`` iterations a :class:`PolicyProbe` samples the policy on
 fixed prompts and records what its judges think (the reward model, the
 built-in task's gold judge) and the KL to the reference.
+
+Under torch.distributed the engine shards its models over the ranks and
+each rank passes its share of every iteration's prompts
+(:func:`rlhf_engine.distributed.rows_of_rank`); checkpoints and the model
+folder are collectives, the probe spreads its batches over the ranks.
 """
 import dataclasses
 import functools
@@ -24,15 +29,17 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from rlhf_engine import distributed
 from rlhf_engine.engine import RLHFEngine
-from rlhf_engine.engine.engine import left_pad
-from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.engine.checkpoint import latest_checkpoint
+from rlhf_engine.engine.rollout import SamplingParams
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.pipeline.data import encode_prompt, read_jsonl
-from rlhf_engine.pipeline.evaluate import Judge, judge_gold, judge_reward_model
+from rlhf_engine.pipeline.evaluate import (Judge, decode_responses, judge_gold, judge_reward_model, map_batches,
+                                           sample_prompts)
 from rlhf_engine.pipeline.report import read_metrics
-from rlhf_engine.pipeline.run import Interrupted, Run, load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_engine.pipeline.training import option
+from rlhf_engine.pipeline.run import Interrupted, Run, UsageError, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_engine.pipeline.training import global_sums, option
 
 
 @dataclasses.dataclass
@@ -79,6 +86,9 @@ class PolicyProbe:
     per-token ``log pi - log ref`` of the sampled tokens, at the sampling
     temperature: a k1 estimate of KL(pi || ref) per response). The same
     ``seed`` every call, so successive probes differ only by the policy.
+    Batches are spread over the ranks (each with its own seed, see
+    :func:`~rlhf_engine.pipeline.evaluate.map_batches`; sharded models are
+    held unsharded meanwhile) and every rank judges all the responses.
 
     Args:
         tokenizer: the policy's tokenizer.
@@ -104,28 +114,19 @@ class PolicyProbe:
     def sample(self, policy):
         """``(responses, kls)``: one response text per prompt, and its KL
         estimate (None without a reference)."""
-        device = next(policy.parameters()).device
-        generator = torch.Generator(device).manual_seed(self.seed)
-        responses, kls = [], []
+        def batch(prompt_ids, seed):
+            rollout = sample_prompts(policy, self.tokenizer, prompt_ids, self.params, seed)
+            kls = self._kl(policy, rollout).tolist() if self.reference is not None else [None] * len(prompt_ids)
+            return list(zip(decode_responses(self.tokenizer, rollout), kls))
+
         was_training = policy.training
         policy.eval()
         try:
-            for start in range(0, len(self.encoded), self.batch_size):
-                ids, mask = left_pad(self.encoded[start:start + self.batch_size], self.tokenizer.pad_token_id)
-                rollout = sample(policy, ids.to(device), mask.to(device), self.params, generator=generator)
-                responses += self._decode(rollout)
-                if self.reference is not None:
-                    kls += self._kl(policy, rollout).tolist()
+            with distributed.unsharded(policy), distributed.unsharded(self.reference):
+                rows = map_batches(batch, self.encoded, self.batch_size, self.seed)
         finally:
             policy.train(was_training)
-        return responses, (kls if self.reference is not None else None)
-
-    def _decode(self, rollout) -> List[str]:
-        texts = []
-        for row, keep in zip(rollout.sequences.tolist(), rollout.response_mask.tolist()):
-            tokens = [t for t, k in zip(row, keep) if k and t != self.tokenizer.eos_token_id]
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-        return texts
+        return [text for text, _ in rows], ([kl for _, kl in rows] if self.reference is not None else None)
 
     def _kl(self, policy, rollout) -> torch.Tensor:
         args = (rollout.sequences, rollout.attention_mask, rollout.response_mask)
@@ -162,33 +163,42 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         tenth of the iterations) and the last probe's metrics. A finished
         stage is skipped (its result returned; load ``run.model_dir(stage)``).
 
+    Under torch.distributed every rank calls it: each passes its share of
+    an iteration's prompts to ``engine.step`` (``prompts_per_iteration``
+    must divide by the world size), and Ctrl-C on any rank stops every rank
+    at the same iteration.
+
     Raises:
         Interrupted: after Ctrl-C, once the checkpoint is written.
+        UsageError: ``prompts_per_iteration`` does not split over the ranks.
     """
     done = run.skip_if_done(stage)
     if done is not None:
         return done
     if not prompt_ids:
         raise ValueError("prompt_ids is empty")
+    batch = config.prompts_per_iteration
+    if batch % run.where.world_size:
+        raise UsageError(f"prompts_per_iteration={batch} must be a multiple of the {run.where.world_size} ranks")
+    share = distributed.rows_of_rank(batch, run.where)
     root = run.checkpoints(stage)
     total = config.num_iterations(len(prompt_ids))
     start = 0
-    if run.resume and root.is_dir() and any(root.iterdir()):
+    if run.resume and latest_checkpoint(root) is not None:
         start = engine.load(root)["iteration"]
         run.log(f"{stage}: resuming from iteration {start}")
-    batch = config.prompts_per_iteration
     batches = prompt_batches(len(prompt_ids), batch, engine.config.seed, start=start * batch)
-    history = _history(run, stage, start)
+    history = run.from_main(_history(run, stage, start) if run.is_main else None)
     began = time.perf_counter()
     if probe is not None and config.eval_every and start == 0:
         run.record(stage, 0, probe(engine.policy))  # the starting point (the SFT model) of the curves
     bar = run.progress(total, stage, initial=start)
     try:
         for iteration in range(start, total):
-            if run.should_stop():
+            if global_sums([float(run.should_stop())], run.device)[0] > 0:
                 path = engine.save(root, extra=_position(iteration, batch))
                 raise Interrupted(stage, iteration, path)
-            metrics = engine.step([list(prompt_ids[i]) for i in next(batches)])
+            metrics = engine.step([list(prompt_ids[i]) for i in next(batches)[share]])
             step = iteration + 1
             if probe is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
                 metrics.update(probe(engine.policy))
@@ -233,7 +243,8 @@ def summarize(history: Sequence[Dict]) -> Dict[str, float]:
 def run_ppo_command(run: Run, data, stage_config: PPOStageConfig, engine_config) -> Dict:
     """``rlhf-engine ppo``: PPO of the SFT folder ``data.policy`` against
     the reward-model folder ``data.reward_model`` on ``data.prompts``
-    (:class:`~rlhf_engine.pipeline.config.PPOData`)."""
+    (:class:`~rlhf_engine.pipeline.config.PPOData`); the engine places
+    (and under torch.distributed shards) the models itself."""
     prompts = read_jsonl(data.prompts, "prompts")
     eval_prompts = read_jsonl(data.eval_prompts, "prompts") if data.eval_prompts else None
     tokenizer = load_tokenizer(data.policy)

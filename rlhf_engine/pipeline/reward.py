@@ -26,8 +26,8 @@ from rlhf_engine import ops
 from rlhf_engine.models.scalar_heads import sequence_scores
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import Comparison, Encoded, Ranking
-from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, model_device, option, split_and_prepare,
-                                          train_loop)
+from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, option,
+                                          split_and_prepare, train_loop)
 
 
 @dataclasses.dataclass
@@ -125,8 +125,8 @@ def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> Tuple[torch
 
 def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: Optional[Sequence],
                        config: RMConfig, *, on_step: Optional[Callable[[dict], None]] = None,
-                       stop: Optional[Callable[[], bool]] = None, checkpoint: Optional[Callable[[dict], None]] = None,
-                       resume: Optional[dict] = None) -> dict:
+                       stop: Optional[Callable[[], bool]] = None, checkpoints=None,
+                       resume: bool = False) -> dict:
     """Train the scalar-head ``model`` in place on comparisons and rankings.
 
     Args:
@@ -137,9 +137,10 @@ def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: 
             records, mixed freely; ``eval_records`` None holds out
             ``config.eval_fraction`` of the training ones.
         config: :class:`RMConfig`.
-        on_step, stop, checkpoint, resume: see
-            :func:`rlhf_engine.pipeline.training.train_loop`; each step's
-            metrics add ``accuracy`` (of the batch's pairs).
+        on_step, stop, checkpoints, resume: see
+            :func:`rlhf_engine.pipeline.training.train_loop` (data-parallel
+            under torch.distributed; ``model`` is then sharded in place);
+            each step's metrics add ``accuracy`` (of the batch's pairs).
 
     Returns:
         the loop's metrics with ``eval_loss`` and ``eval_accuracy`` (fraction
@@ -160,19 +161,20 @@ def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: 
 
     def step(indices):
         batch, (loss, correct) = forward([train[i] for i in indices])
-        return StepOutput(loss, batch.tokens.num_tokens, {"accuracy": correct.item() / batch.num_pairs})
+        return StepOutput(loss * batch.num_elements, batch.num_elements, batch.tokens.num_tokens,
+                          {"accuracy": (correct, batch.num_pairs)})
 
     def evaluate():
+        def measure(examples):
+            batch, (loss, correct) = forward(examples)
+            return loss * batch.num_elements, batch.num_elements, correct, batch.num_pairs
+
         if not held:
             return {}
-        loss_sum, correct, pairs = 0.0, 0.0, 0
-        for start in range(0, len(held), config.batch_size):
-            batch, (loss, batch_correct) = forward(held[start:start + config.batch_size])
-            loss_sum += loss.item() * batch.num_elements
-            correct += batch_correct.item()
-            pairs += batch.num_pairs
-        return {"eval_loss": loss_sum / len(held), "eval_accuracy": correct / pairs}
+        loss_sum, elements, correct, pairs = evaluate_sums(batching.chunks(held, config.batch_size), measure,
+                                                           device)
+        return {"eval_loss": loss_sum / elements, "eval_accuracy": correct / pairs}
 
     metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
-                         checkpoint=checkpoint, resume=resume)
+                         checkpoints=checkpoints, resume=resume)
     return {**metrics, **info}

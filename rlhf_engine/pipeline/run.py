@@ -15,6 +15,12 @@ stage writes a checkpoint and raises :class:`Interrupted`; a second Ctrl-C
 stops at once (``KeyboardInterrupt``). ``--resume`` skips the finished
 stages and continues an interrupted one from its latest checkpoint, exactly
 where it stopped.
+
+Under torch.distributed every rank opens the same run folder (a shared
+filesystem): rank 0 alone writes the records (config, log, metrics,
+TensorBoard, progress bars, model folders, results) and decides what is
+done; every rank reads checkpoints and model folders, and writes its own
+shards of a checkpoint (a collective).
 """
 import functools
 import json
@@ -32,7 +38,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine import distributed
+from rlhf_engine.engine.checkpoint import latest_checkpoint
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
@@ -42,7 +49,7 @@ from rlhf_engine.pipeline.data import read_jsonl
 from rlhf_engine.pipeline.evaluate import compare_policies, judge_gold, judge_reward_model
 from rlhf_engine.pipeline.reward import train_reward_model
 from rlhf_engine.pipeline.sft import train_sft
-from rlhf_engine.pipeline.training import TrainConfig, total_steps
+from rlhf_engine.pipeline.training import TrainConfig, check_world_size, total_steps
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -91,12 +98,18 @@ class Run:
         options: the resolved options, written to ``config.json``.
         resume: continue the run in ``folder`` (it must hold a
             ``config.json``); otherwise ``folder`` must be new or empty.
-        progress: show progress bars (tqdm, with ETA).
+        progress: show progress bars (tqdm, with ETA; rank 0 only).
+        device: where the command's models run (this rank's device).
     """
 
-    def __init__(self, folder, command: str, options: Dict, *, resume: bool = False, progress: bool = True):
+    def __init__(self, folder, command: str, options: Dict, *, resume: bool = False, progress: bool = True,
+                 device="cpu"):
         self.folder = Path(folder)
-        self.command, self.options, self.resume, self.show_progress = command, dict(options), resume, progress
+        self.command, self.options, self.resume = command, dict(options), resume
+        self.device = torch.device(device)
+        self.where = distributed.layout()
+        self.is_main = self.where.is_main
+        self.show_progress = progress and self.is_main
         self._stop_requested = False
         self._previous_handler = None
         self.logger = None
@@ -105,18 +118,18 @@ class Run:
     # -- lifetime ------------------------------------------------------------------
 
     def __enter__(self):
-        config_path = self.folder / CONFIG_FILE
-        if self.resume and not config_path.is_file():
-            raise UsageError(f"--resume: {self.folder} holds no run to resume (no {CONFIG_FILE})")
-        if not self.resume and self.folder.exists() and any(self.folder.iterdir()):
-            raise UsageError(f"run folder {self.folder} is not empty: pass --resume to continue the run in it, "
-                                 f"or choose another --out")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _write_json(config_path, self.options)
-        self.logger = self._open_log()
-        from torch.utils.tensorboard import SummaryWriter  # slow to import: only once a run starts
+        problem = self.from_main(self._open_problem() if self.is_main else None)
+        if problem is not None:
+            raise UsageError(problem)
+        self.logger = logging.getLogger(f"rlhf_engine.run.{id(self)}")
+        self.logger.propagate = False
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_json(self.folder / CONFIG_FILE, self.options)
+            self._open_log()
+            from torch.utils.tensorboard import SummaryWriter  # slow to import: only once a run starts
 
-        self.writer = SummaryWriter(log_dir=str(self.folder / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.folder / "tb"))
         self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self.log(f"{'resuming' if self.resume else 'starting'} 'rlhf-engine {self.command}' in {self.folder}")
         return self
@@ -131,15 +144,27 @@ class Run:
                 self.logger.removeHandler(handler)
         return False
 
+    def _open_problem(self) -> Optional[str]:
+        """Why this run folder cannot be opened as asked, or None."""
+        if self.resume and not (self.folder / CONFIG_FILE).is_file():
+            return f"--resume: {self.folder} holds no run to resume (no {CONFIG_FILE})"
+        if not self.resume and self.folder.exists() and any(self.folder.iterdir()):
+            return (f"run folder {self.folder} is not empty: pass --resume to continue the run in it, "
+                    f"or choose another --out")
+        return None
+
     def _open_log(self):
-        logger = logging.getLogger(f"rlhf_engine.run.{id(self)}")
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        self.logger.setLevel(logging.INFO)
         formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         for handler in (logging.FileHandler(self.folder / LOG_FILE, encoding="utf-8"), _TqdmHandler()):
             handler.setFormatter(formatter)
-            logger.addHandler(handler)
-        return logger
+            self.logger.addHandler(handler)
+
+    @staticmethod
+    def from_main(value):
+        """Rank 0's ``value`` (picklable) on every rank: a collective, and a
+        barrier (``value`` itself in a world of one)."""
+        return distributed.all_gather_object(value)[0]
 
     def _on_sigint(self, signum, frame):
         if self._stop_requested:
@@ -158,16 +183,21 @@ class Run:
     # -- records -------------------------------------------------------------------
 
     def log(self, message: str) -> None:
+        """Log ``message`` (rank 0; other ranks' messages are dropped)."""
         self.logger.info(message)
 
     def stage_dir(self, stage: str) -> Path:
+        """``<folder>/<stage>`` (created by rank 0)."""
         path = self.folder / stage
-        path.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def record(self, stage: str, step: int, metrics: Dict) -> None:
         """Append ``metrics`` (numbers; ``info/*`` strings are kept in the
-        JSONL only) to metrics.jsonl and TensorBoard at ``step``."""
+        JSONL only) to metrics.jsonl and TensorBoard at ``step`` (rank 0)."""
+        if not self.is_main:
+            return
         values = {key: _json_value(value) for key, value in metrics.items() if key != "step"}
         with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
@@ -186,16 +216,22 @@ class Run:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def skip_if_done(self, stage: str) -> Optional[Dict]:
-        """:meth:`result`, logging that ``stage`` is skipped when it is done."""
-        done = self.result(stage)
+        """:meth:`result` as rank 0 reads it (a collective), logging that
+        ``stage`` is skipped when it is done."""
+        done = self.from_main(self.result(stage) if self.is_main else None)
         if done is not None:
             self.log(f"{stage}: already done, skipped")
         return done
 
-    def finish(self, stage: str, result: Dict) -> Dict:
-        """Mark ``stage`` done with its final metrics (JSON-safe copy returned)."""
-        clean = {key: _json_value(value) for key, value in result.items()}
-        _write_json(self.stage_dir(stage) / RESULT_FILE, clean)
+    def finish(self, stage: str, result: Optional[Dict]) -> Dict:
+        """Mark ``stage`` done with its final metrics: rank 0's ``result``
+        is written, and its JSON-safe copy returned on every rank (a
+        collective: every rank's later reads see the stage done; the other
+        ranks may pass None)."""
+        clean = {key: _json_value(value) for key, value in result.items()} if self.is_main else None
+        if self.is_main:
+            _write_json(self.stage_dir(stage) / RESULT_FILE, clean)
+        clean = self.from_main(clean)
         self.log(f"{stage}: done " + ", ".join(f"{k}={_short(v)}" for k, v in clean.items() if _is_number(v)))
         return clean
 
@@ -206,17 +242,27 @@ class Run:
         return self.folder / stage / "model"
 
     def save_model(self, stage: str, model, tokenizer) -> Path:
-        """Write ``model`` (safetensors) and ``tokenizer`` as ``<stage>/model``:
-        into a temporary folder first, so a half-written folder never has the
-        final name."""
+        """Write ``model`` (safetensors, full weights even when sharded) and
+        ``tokenizer`` as ``<stage>/model``: into a temporary folder first, so
+        a half-written folder never has the final name. A collective: every
+        rank gathers the weights, rank 0 writes, and every rank returns once
+        the folder is in place."""
         final = self.model_dir(stage)
-        tmp = final.with_name(f".tmp-model-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        state_dict = distributed.full_state_dict(model)
+        if self.is_main:
+            tmp = final.with_name(f".tmp-model-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.from_main(None)
         return final
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (``step-00000042``)."""
+    return int(path.name.rsplit("-", 1)[1])
 
 
 def process_seconds(fallback_start: float) -> float:
@@ -259,7 +305,9 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
     :func:`~rlhf_engine.pipeline.reward.train_reward_model`) as ``stage`` of
     ``run``: metrics to the run's records, a progress bar, checkpoints every
     ``config.save_every`` steps and on Ctrl-C, resumed from the latest one
-    when the run resumes; then ``<stage>/model`` and the result.
+    when the run resumes; then ``<stage>/model`` and the result. ``model``
+    moves to ``run.device`` (and is sharded over the ranks under
+    torch.distributed).
 
     A finished stage is not run again: its result is returned and ``model``
     is left as given (load ``run.model_dir(stage)``).
@@ -270,17 +318,17 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
     done = run.skip_if_done(stage)
     if done is not None:
         return done
+    try:
+        check_world_size(config, run.where)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model.to(run.device)
     root = run.checkpoints(stage)
-    resume = None
     latest = latest_checkpoint(root) if run.resume else None
     if latest is not None:
-        tensors, objects = load_checkpoint(latest)
-        model.load_state_dict(tensors["model"])
-        resume = objects["loop"]
-        run.log(f"{stage}: resuming from {latest} (step {resume['step']})")
+        run.log(f"{stage}: resuming from {latest}")
     steps = expected_steps(len(train_records), eval_records is not None, config)
-    bar = run.progress(steps, stage, initial=resume["step"] if resume else 0)
-    saved = {}
+    bar = run.progress(steps, stage, initial=checkpoint_step(latest) if latest is not None else 0)
 
     def on_step(metrics):
         run.record(stage, metrics["step"], metrics)
@@ -290,17 +338,14 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
             run.log(f"{stage}: step {metrics['step']}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_")))
 
-    def checkpoint(state):
-        saved["path"] = save_checkpoint(root, state["step"], {"model": model.state_dict()}, {"loop": state})
-
     start = time.perf_counter()
     try:
         result = train_fn(model, tokenizer, train_records, eval_records, config, on_step=on_step,
-                          stop=run.should_stop, checkpoint=checkpoint, resume=resume)
+                          stop=run.should_stop, checkpoints=root, resume=run.resume)
     finally:
         bar.close()
     if result["stopped"]:
-        raise Interrupted(stage, result["steps"], saved.get("path"))
+        raise Interrupted(stage, result["steps"], latest_checkpoint(root))
     run.log(f"{stage}: length policy '{config.length_policy}' (max_length {config.max_length}): dropped "
             f"{result['dropped']}, truncated {result['truncated']} of "
             f"{result['train_examples'] + result['eval_examples'] + result['dropped']} examples")
@@ -372,26 +417,28 @@ def run_rm_command(run: Run, data, config) -> Dict:
 def run_eval_command(run: Run, options) -> Dict:
     """``rlhf-engine eval``: the win rate of ``policy_a`` over ``policy_b``
     on the prompts, judged by the gold judge or a reward model; every
-    response and score goes to ``eval/responses.jsonl``."""
+    response and score goes to ``eval/responses.jsonl``. Under
+    torch.distributed the sampling batches are spread over the ranks."""
     prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
     for path in (options.policy_a, options.policy_b):
         _check_folder(path)
     policy_a, tokenizer = load_causal_lm(options.policy_a)
     policy_b, _ = load_causal_lm(options.policy_b)
+    policy_a, policy_b = policy_a.to(run.device), policy_b.to(run.device)
     if options.judge == "gold":
         judge = judge_gold
     else:
-        judge = functools.partial(judge_reward_model, load_reward_model(options.judge), load_tokenizer(options.judge),
-                                  batch_size=options.batch_size)
+        judge = functools.partial(judge_reward_model, load_reward_model(options.judge).to(run.device),
+                                  load_tokenizer(options.judge), batch_size=options.batch_size)
     run.log(f"eval: sampling {len(prompts)} prompts from each policy")
     comparison = compare_policies(policy_a, policy_b, tokenizer, prompts, judge,
                                   max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                                   seed=options.seed, batch_size=options.batch_size)
-    folder = run.stage_dir("eval")
-    with open(folder / "responses.jsonl", "w", encoding="utf-8") as f:
-        for row in zip(prompts, comparison.responses_a, comparison.scores_a, comparison.responses_b,
-                       comparison.scores_b):
-            f.write(json.dumps(dict(zip(("prompt", "a", "score_a", "b", "score_b"), row))) + "\n")
+    if run.is_main:
+        with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
+            for row in zip(prompts, comparison.responses_a, comparison.scores_a, comparison.responses_b,
+                           comparison.scores_b):
+                f.write(json.dumps(dict(zip(("prompt", "a", "score_a", "b", "score_b"), row))) + "\n")
     rate = comparison.win_rate
     return run.finish("eval", {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high,
                                "wins": rate.wins, "ties": rate.ties, "losses": rate.losses, "n": rate.n,

@@ -16,7 +16,8 @@ import torch
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import Demonstration
-from rlhf_engine.pipeline.training import StepOutput, TrainConfig, model_device, option, split_and_prepare, train_loop
+from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, option,
+                                          split_and_prepare, train_loop)
 
 
 @dataclasses.dataclass
@@ -46,8 +47,7 @@ def _rows(examples):
 def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
               eval_examples: Optional[Sequence[Demonstration]], config: SFTConfig, *,
               on_step: Optional[Callable[[dict], None]] = None,
-              stop: Optional[Callable[[], bool]] = None, checkpoint: Optional[Callable[[dict], None]] = None,
-              resume: Optional[dict] = None) -> dict:
+              stop: Optional[Callable[[], bool]] = None, checkpoints=None, resume: bool = False) -> dict:
     """Fine-tune the causal LM ``model`` in place on demonstrations.
 
     Args:
@@ -58,8 +58,9 @@ def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
             ``eval_examples`` None holds out ``config.eval_fraction`` of the
             training ones (an empty list: no evaluation).
         config: :class:`SFTConfig`.
-        on_step, stop, checkpoint, resume: see
-            :func:`rlhf_engine.pipeline.training.train_loop`.
+        on_step, stop, checkpoints, resume: see
+            :func:`rlhf_engine.pipeline.training.train_loop` (data-parallel
+            under torch.distributed; ``model`` is then sharded in place).
 
     Returns:
         :func:`train_loop`'s metrics (``eval_loss``: mean response-token NLL
@@ -80,18 +81,18 @@ def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
 
     def step(indices):
         batch = collate(_rows([train[i] for i in indices]))
-        return StepOutput(sft_loss(model, batch), batch.num_tokens, {})
+        return StepOutput(response_nll(model, batch), batch.response_mask.sum(), batch.num_tokens)
 
     def evaluate():
+        def measure(examples):
+            batch = collate(_rows(examples))
+            return response_nll(model, batch), batch.response_mask.sum()
+
         if not held:
             return {}
-        nll, count = torch.zeros((), device=device), 0
-        for start in range(0, len(held), config.batch_size):
-            batch = collate(_rows(held[start:start + config.batch_size]))
-            nll += response_nll(model, batch)
-            count += int(batch.response_mask.sum())
-        return {"eval_loss": (nll / count).item()}
+        nll, count = evaluate_sums(batching.chunks(held, config.batch_size), measure, device)
+        return {"eval_loss": nll / count}
 
     metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
-                         checkpoint=checkpoint, resume=resume)
+                         checkpoints=checkpoints, resume=resume)
     return {**metrics, **info, "packed": packed}

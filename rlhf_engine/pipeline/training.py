@@ -7,10 +7,12 @@ to 0, gradient-norm clipping, optional bf16 autocast (float32 weights,
 gradients and optimizer states).
 
 A stopped loop (``stop()`` returned True) and every ``save_every`` steps
-hand a checkpoint of the loop's state to the caller; passing it back as
-``resume`` continues the run where it left off: the same mini-batches, the
-same learning rates, the same weights as an uninterrupted run (given the
-model's weights saved with it).
+write a checkpoint (weights, optimizer, loop state); ``resume`` continues
+the run where it left off: the same mini-batches, the same learning rates,
+the same weights as an uninterrupted run.
+
+Under torch.distributed (``torchrun``) the loop is data-parallel with FSDP2
+and its results do not depend on the world size (see :func:`train_loop`).
 """
 import collections
 import dataclasses
@@ -18,10 +20,12 @@ import functools
 import itertools
 import time
 from dataclasses import field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
+from rlhf_engine import distributed
+from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_engine.engine.engine import lr_factor
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, encode_record, fit_examples
@@ -85,12 +89,17 @@ def _check_int(config, name, minimum):
 # -- the training loop shared by the stages -----------------------------------------------
 
 class StepOutput(NamedTuple):
-    """What one mini-batch's forward gives the loop: the ``loss`` to
-    minimise (0-d), the real ``tokens`` it read, and scalar ``stats`` to log."""
+    """What one mini-batch's forward gives the loop, for this rank's rows:
+    ``loss_sum`` (0-d) the sum of the losses of its ``units`` (the units the
+    stage's loss is a mean over: response tokens for SFT, elements for the
+    reward model), the real ``tokens`` it read, and ``stats``:
+    ``{name: (numerator, denominator)}`` sums, logged as the global ratio
+    (e.g. ``accuracy``: correct pairs over pairs)."""
 
-    loss: torch.Tensor
+    loss_sum: torch.Tensor
+    units: float
     tokens: int
-    stats: Dict[str, float]
+    stats: Dict[str, Tuple[float, float]] = {}
 
 
 def model_device(model) -> torch.device:
@@ -114,90 +123,168 @@ def total_steps(num_examples: int, config: TrainConfig) -> int:
     return config.max_steps or config.epochs * batching.steps_per_epoch(num_examples, config.batch_size)
 
 
+def check_world_size(config: TrainConfig, where: distributed.Layout) -> None:
+    """Raise ValueError unless ``config.batch_size`` splits evenly over the ranks."""
+    if config.batch_size % where.world_size:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {where.world_size} ranks "
+                         f"(every rank trains on batch_size / ranks examples of each mini-batch)")
+
+
+def rank_rows(rows: Sequence, where: distributed.Layout) -> Tuple[Sequence, float]:
+    """``(this rank's rows, weight)``: the rank's contiguous share of a
+    global mini-batch (:func:`rlhf_engine.distributed.rows_of_rank`'s when
+    the ranks divide it; as even as possible for an epoch's short last
+    batch) and weight 1. A rank whose share is empty gets the first row with
+    weight 0: it still runs the forward and backward that the other ranks'
+    sharded collectives wait for, and its results count for nothing."""
+    n = len(rows)
+    share = rows[where.rank * n // where.world_size:(where.rank + 1) * n // where.world_size]
+    return (share, 1.0) if len(share) else (rows[:1], 0.0)
+
+
+def global_sums(values: Sequence, device) -> List[float]:
+    """``values`` (numbers or 0-d tensors) summed over the ranks, as floats
+    (one float64 all-reduce)."""
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return distributed.all_reduce(tensor).tolist()
+
+
+def evaluate_sums(batches: Sequence[Sequence], measure: Callable[[Sequence], Sequence], device) -> List[float]:
+    """Sums of ``measure(rows)`` (a list of numbers or 0-d tensors) over
+    every global batch, each split over the ranks by :func:`rank_rows`:
+    held-out metrics that do not depend on the world size."""
+    where = distributed.layout()
+    totals = None
+    for batch in batches:
+        rows, weight = rank_rows(batch, where)
+        sums = [torch.as_tensor(v, dtype=torch.float64, device=device) * weight for v in measure(rows)]
+        totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
+    return global_sums(totals, device) if totals is not None else []
+
+
+def _state_dicts(model, optimizer) -> Dict[str, dict]:
+    """The model's and optimizer's state dicts (DTensor leaves when sharded), as checkpoint tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def _load_state_dicts(model, optimizer, tensors: Dict[str, dict]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, tensors["model"])
+    set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[List[int]], StepOutput],
-               evaluate: Callable[[], Dict[str, float]], *, on_step=None, stop=None, checkpoint=None,
-               resume: Optional[dict] = None) -> dict:
+               evaluate: Callable[[], Dict[str, float]], *, on_step=None, stop=None, checkpoints=None,
+               resume: bool = False) -> dict:
     """Train ``model`` for :func:`total_steps`, shuffled mini-batches of
     example indices from a generator seeded with ``config.seed``.
 
-    ``step(indices)`` runs the forward of one mini-batch; ``evaluate()``
-    returns held-out metrics (named ``eval_*``; called in eval mode without
+    Data-parallel under torch.distributed (:mod:`rlhf_engine.distributed`):
+    ``model`` is sharded (FSDP2) over the ranks, every rank draws the same
+    mini-batches and trains on its share (:func:`rank_rows`), and the loss
+    is normalised by the global number of units, so that the (summed)
+    gradients, the logged metrics and the weights do not depend on the
+    world size. ``config.batch_size`` must divide by the world size.
+
+    ``step(indices)`` runs the forward of this rank's indices of one
+    mini-batch; ``evaluate()`` returns held-out metrics (named ``eval_*``,
+    global: see :func:`evaluate_sums`; called in eval mode without
     gradients, every ``config.eval_every`` steps and after the last).
     ``on_step(metrics)`` gets each step's metrics: ``step``, ``epoch``,
     ``loss``, ``lr``, ``grad_norm``, ``tokens_per_second``, ``elapsed_seconds``,
     ``step``'s stats and, on evaluation steps, the ``eval_*`` metrics and
     ``train_loss`` (mean loss of the last epoch's worth of steps, fewer
-    early in the run). ``stop()`` is checked before each step; when it
-    returns True the loop returns at once (no final evaluation) with
-    ``stopped`` True.
+    early in the run). ``stop()`` is checked before each step (True on any
+    rank stops every rank at the same step); then the loop returns at once
+    (no final evaluation) with ``stopped`` True.
 
-    ``checkpoint(state)`` gets the loop's state (a dict of plain values and
-    tensors: step, counters, optimizer and scheduler state) every
+    ``checkpoints``: a folder (:mod:`rlhf_engine.engine.checkpoint`) that
+    gets the model's and optimizer's states (``tensors``, sharded) and the
+    loop's counters and scheduler (``objects["loop"]``) every
     ``config.save_every`` steps before the last and when the loop is
-    stopped; the caller saves it with the model's weights. ``resume``: such
-    a state; the loop then continues from its step (the caller restores the
-    weights), drawing the mini-batches an uninterrupted run would have.
+    stopped; every rank writes its shards. ``resume``: continue from the
+    latest checkpoint there (saved at any world size): its weights, its
+    step, the mini-batches an uninterrupted run would have drawn.
 
     Returns:
         ``steps``, ``epochs`` (fractional), ``train_loss``, the last
         ``eval_*`` metrics (absent without evaluation), ``tokens_per_second``
-        and ``steps_per_second`` (training time only, evaluation excluded),
-        ``train_seconds``, ``stopped``.
+        and ``steps_per_second`` (training time only, evaluation excluded;
+        tokens of every rank), ``train_seconds``, ``stopped``.
     """
+    where = distributed.layout()
+    check_world_size(config, where)
+    if where.distributed:
+        distributed.shard(model, where, model_device(model))
+    device = model_device(model)
     optimizer, params = _optimizer(model, config)
     steps = total_steps(num_examples, config)
     factor = functools.partial(lr_factor, warmup=round(config.warmup_ratio * steps), total=steps, schedule="linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     per_epoch = batching.steps_per_epoch(num_examples, config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
-    autocast = torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=config.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     clip = config.max_grad_norm or float("inf")
     was_training = model.training
     model.train()
     recent_losses = collections.deque(maxlen=per_epoch)
     done, tokens, train_seconds, last_eval, stopped = 0, 0, 0.0, {}, False
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        done, tokens, train_seconds = resume["step"], resume["tokens"], resume["train_seconds"]
-        recent_losses.extend(resume["recent_losses"])
+    latest = latest_checkpoint(checkpoints) if resume and checkpoints is not None else None
+    if latest is not None:
+        tensors, objects = load_checkpoint(latest, _state_dicts(model, optimizer))
+        _load_state_dicts(model, optimizer, tensors)
+        state = objects["loop"]
+        scheduler.load_state_dict(state["scheduler"])
+        done, tokens, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        recent_losses.extend(state["recent_losses"])
 
-    def state():
-        return {"step": done, "tokens": tokens, "train_seconds": train_seconds, "recent_losses": list(recent_losses),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    def save():
+        state = {"step": done, "tokens": tokens, "train_seconds": train_seconds,
+                 "recent_losses": list(recent_losses), "scheduler": scheduler.state_dict()}
+        save_checkpoint(checkpoints, done, _state_dicts(model, optimizer), {"loop": state})
 
     try:
         # the first `done` batches are drawn and skipped so that the generator is where it was
         for indices in itertools.islice(_index_batches(num_examples, config.batch_size, generator), done, steps):
-            if stop is not None and stop():
+            if stop is not None and global_sums([float(stop())], device)[0] > 0:
                 stopped = True
                 break
             start = time.perf_counter()
+            rows, weight = rank_rows(indices, where)
             with autocast:
-                out = step(indices)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                out = step(rows)
+            names = list(out.stats)
+            sums = global_sums([v * weight for v in (out.units, out.tokens, out.loss_sum.detach(),
+                                                      *(out.stats[k][0] for k in names),
+                                                      *(out.stats[k][1] for k in names))], device)
+            units, step_tokens, loss_sum = sums[:3]
+            (out.loss_sum * (weight / max(units, 1.0))).backward()
+            grad_norm = float(distributed.local_value(torch.nn.utils.clip_grad_norm_(params, clip)))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()  # also waits for the device, so the timing is honest
+            loss = loss_sum / max(units, 1.0)
             train_seconds += time.perf_counter() - start
             done += 1
-            tokens += out.tokens
+            tokens += int(step_tokens)
             recent_losses.append(loss)
-            metrics = {"step": done, "epoch": done / per_epoch, "loss": loss, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens_per_second": tokens / train_seconds,
-                       "elapsed_seconds": train_seconds, **out.stats}
+            stats = {k: sums[3 + i] / sums[3 + len(names) + i] for i, k in enumerate(names)}
+            metrics = {"step": done, "epoch": done / per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_second": tokens / train_seconds, "elapsed_seconds": train_seconds, **stats}
             if done == steps or (config.eval_every and done % config.eval_every == 0):
                 last_eval = _run_eval(model, evaluate, autocast)
                 metrics.update(last_eval, train_loss=sum(recent_losses) / len(recent_losses))
             if on_step is not None:
                 on_step(metrics)
-            if checkpoint is not None and config.save_every and done % config.save_every == 0 and done < steps:
-                checkpoint(state())
-        if stopped and checkpoint is not None:
-            checkpoint(state())
+            if checkpoints is not None and config.save_every and done % config.save_every == 0 and done < steps:
+                save()
+        if stopped and checkpoints is not None:
+            save()
     finally:
         model.train(was_training)
     return {"steps": done, "epochs": done / per_epoch,

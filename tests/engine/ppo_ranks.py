@@ -4,7 +4,7 @@ fixed global prompt batch; rank 0 writes the metrics of each iteration (or
 the error that ended the run) as JSON.
 
     python tests/engine/ppo_ranks.py OUT.json --iterations 4 [--save-at 2 --checkpoints DIR]
-                                              [--resume DIR] [--die-at 2]
+                                              [--resume DIR] [--micro-batch-size 1] [--die-at 2]
 """
 import argparse
 import json
@@ -35,8 +35,9 @@ def tiny(model_class, seed, **extra):
     return model_class(config)
 
 
-def build_engine():
-    config = EngineConfig(device="cpu", max_new_tokens=6, mini_batch_size=4, ppo_epochs=2, lr=3e-3, critic_lr=3e-3,
+def build_engine(micro_batch_size=None):
+    config = EngineConfig(device="cpu", max_new_tokens=6, mini_batch_size=4, micro_batch_size=micro_batch_size,
+                          ppo_epochs=2, lr=3e-3, critic_lr=3e-3,
                           critic_init="policy", kl_coef=0.1, kl_target=1.0, kl_horizon=100, lr_schedule="linear",
                           total_steps=40, shard_frozen=True, seed=3)
     return RLHFEngine(tiny(LlamaForCausalLM, 0), Tokenizer(), config,
@@ -50,13 +51,14 @@ def main():
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--checkpoints")
     parser.add_argument("--resume")
+    parser.add_argument("--micro-batch-size", type=int)
     parser.add_argument("--die-at", type=int, default=0, help="rank 1 exits abruptly during this iteration's score")
     args = parser.parse_args()
     torch.set_num_threads(1)
     layout = distributed.init(timeout_s=60)
     history, error = [], None
     try:
-        engine = build_engine()
+        engine = build_engine(args.micro_batch_size)
         if args.resume:
             engine.load(args.resume)
         if args.die_at and layout.rank == 1:

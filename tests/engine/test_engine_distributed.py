@@ -1,6 +1,8 @@
 """The engine on 2 CPU ranks (gloo, FSDP2) against one process on the same
-global batch: the same metric trajectory, checkpoints that resume on 1 or 2
-ranks, and a dead rank named by the survivors. Each run is
+global batch: the same metric trajectory (the ranks also split their share
+of each mini-batch into micro-batches, the single process does not),
+checkpoints that resume on 1 or 2 ranks, and a dead rank named by the
+survivors. Each run is
 ``ppo_ranks.py`` in fresh processes (a few seconds each to start)."""
 import json
 import os
@@ -43,14 +45,15 @@ def launch(world, out, *args, timeout=300):
 
 
 def assert_same_trajectory(expected, got):
-    """Every metric of every iteration within 1e-5 relative. The sampler-vs-
-    trainer log-prob gap is itself float32 rounding (~1e-7), so it is
-    compared absolutely."""
+    """Every metric of every iteration within 1e-5 relative. Two are means
+    of differences of log-probs of order 1, which cancel: the sampler-vs-
+    trainer gap is float32 rounding itself (~1e-7) and approx-KL is ~1e-3;
+    they get an absolute slack of 1e-6 besides."""
     assert [h["iteration"] for h in got] == [h["iteration"] for h in expected]
     for want, have in zip(expected, got):
         assert set(have) == set(want)
         for key, value in want.items():
-            slack = 1e-6 if key.startswith("rollout/logprob_gap") else 0.0
+            slack = 1e-6 if key.startswith("rollout/logprob_gap") or key == "policy/approx_kl" else 0.0
             assert have[key] == pytest.approx(value, rel=1e-5, abs=slack), (want["iteration"], key)
 
 
@@ -66,7 +69,7 @@ def one_rank(tmp_path_factory):
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     codes, result, _ = launch(2, folder / "out.json", "--iterations", ITERATIONS, "--save-at", 2,
-                              "--checkpoints", folder / "checkpoints")
+                              "--checkpoints", folder / "checkpoints", "--micro-batch-size", 1)
     assert codes == [0, 0] and result["error"] is None
     return result, folder / "checkpoints"
 

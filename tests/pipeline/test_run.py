@@ -2,13 +2,13 @@
 exact resume of the shared loop, the prompt stream, the probe's KL against
 an independent computation, metrics files."""
 import json
+import random
 import signal
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_engine.engine.engine import left_pad
 from rlhf_engine.engine.rollout import sample
 from rlhf_engine.models.tokenizer import byte_tokenizer
@@ -28,9 +28,13 @@ def linear_task(model_seed=0):
 
     def step(indices):
         pred = model(x[indices]).squeeze(-1)
-        return StepOutput(((pred - y[indices]) ** 2).mean(), len(indices), {})
+        return StepOutput(((pred - y[indices]) ** 2).sum(), len(indices), len(indices))
 
     return model, step, lambda: {"eval_loss": 0.0}
+
+
+def saved_steps(root):
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
 
 
 def test_train_loop_resumes_exactly_where_it_stopped(tmp_path):
@@ -41,25 +45,20 @@ def test_train_loop_resumes_exactly_where_it_stopped(tmp_path):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, step, evaluate = linear_task()
-    saved, calls = [], []
-
-    def checkpoint(state):
-        saved.append(state["step"])
-        save_checkpoint(tmp_path, state["step"], {"model": model.state_dict()}, {"loop": state})
+    calls = []
 
     def stop():
         calls.append(1)
         return len(calls) > 3
 
-    first = train_loop(model, config, 12, step, evaluate, stop=stop, checkpoint=checkpoint)
+    first = train_loop(model, config, 12, step, evaluate, stop=stop, checkpoints=tmp_path)
     assert first["stopped"] and first["steps"] == 3
-    assert saved == [2, 3]  # every save_every steps, then on the stop
+    assert saved_steps(tmp_path) == [2, 3]  # every save_every steps, then on the stop
 
     model, step, evaluate = linear_task(model_seed=5)  # other weights: the checkpoint must restore them
-    tensors, objects = load_checkpoint(latest_checkpoint(tmp_path))
-    model.load_state_dict(tensors["model"])
     resumed_log = []
-    second = train_loop(model, config, 12, step, evaluate, on_step=resumed_log.append, resume=objects["loop"])
+    second = train_loop(model, config, 12, step, evaluate, on_step=resumed_log.append, checkpoints=tmp_path,
+                        resume=True)
     assert [m["step"] for m in resumed_log] == [4, 5, 6, 7]
     assert [m["lr"] for m in resumed_log] == [m["lr"] for m in logged[3:]]
     assert [m["loss"] for m in resumed_log] == [m["loss"] for m in logged[3:]]
@@ -68,12 +67,11 @@ def test_train_loop_resumes_exactly_where_it_stopped(tmp_path):
     assert second["steps"] == full["steps"] == 7 and not second["stopped"]
 
 
-def test_train_loop_does_not_checkpoint_after_the_last_step():
+def test_train_loop_does_not_checkpoint_after_the_last_step(tmp_path):
     model, step, evaluate = linear_task()
-    saved = []
     train_loop(model, TrainConfig(max_steps=4, batch_size=6, save_every=2), 12, step, evaluate,
-               checkpoint=lambda state: saved.append(state["step"]))
-    assert saved == [2]
+               checkpoints=tmp_path)
+    assert saved_steps(tmp_path) == [2]
 
 
 def test_prompt_batches_are_a_seeded_stream_that_resumes_at_a_position():
@@ -103,11 +101,13 @@ def test_probe_kl_is_the_summed_log_ratio_of_the_sampled_tokens():
     responses, kls = probe.sample(policy)
     assert probe.sample(policy) == (responses, kls)  # the same seed every call
     assert probe.sample(reference)[1] == [0.0, 0.0, 0.0]
-    # independent reference: the same draws (same sampler, seed and batches), scored by both models' full logits
-    generator = torch.Generator().manual_seed(3)
+    # independent reference: the same draws (same sampler, each batch's seed drawn from random.Random(seed)),
+    # scored by both models' full logits
+    seeds = random.Random(3)
     expected = []
     for batch in (prompts[:2], prompts[2:]):
         ids, mask = left_pad([encode_prompt(tok, p) for p in batch], tok.pad_token_id)
+        generator = torch.Generator().manual_seed(seeds.getrandbits(63))
         rollout = sample(policy, ids, mask, probe.params, generator=generator)
         seq, target = rollout.sequences, rollout.response_mask[:, 1:]
         total = torch.zeros(len(batch), dtype=torch.float64)
