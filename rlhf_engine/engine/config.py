@@ -39,6 +39,9 @@ class EngineConfig:
                                  "(see rlhf_engine.engine.offload).")
     shard_frozen: bool = _f(False, "Under torch.distributed, shard the reference and reward model with FSDP2 too "
                                    "(default: each rank holds a full copy; the policy and critic are always sharded).")
+    concurrent_models: bool = _f(True, "On the CPU (2+ torch threads, one process), run the policy's and the "
+                                       "critic's forward/backward side by side, each with half of the threads; the "
+                                       "results are the same.")
     logprob_chunk_size: Optional[int] = _f(None, "Rows of logits held at once by linear_token_logprobs "
                                                  "(None: chosen from free memory).")
 

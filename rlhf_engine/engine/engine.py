@@ -30,6 +30,7 @@ from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_
                                            save_checkpoint)
 from rlhf_engine.engine.config import EngineConfig
 from rlhf_engine.engine.kl_control import KLController
+from rlhf_engine.engine.lanes import Lanes
 from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
 from rlhf_engine.engine.offload import OffloadPolicy, Placement
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed, row_uniforms, sample
@@ -164,6 +165,8 @@ class RLHFEngine:
                                        top_k=cfg.top_k, stop_at_eos=cfg.stop_at_eos)
         self.iteration = 0
         self.skipped_updates = 0
+        self.lanes = Lanes(cfg.concurrent_models and self.device.type == "cpu" and not self.layout.distributed
+                           and torch.get_num_threads() > 1)
 
         # Placement: everything starts on the device; offload moves what a phase does not use.
         self.placement = Placement(self.device, policy=OffloadPolicy.parse(cfg.offload_policy, enabled=cfg.offload),
@@ -436,43 +439,59 @@ class RLHFEngine:
         return metrics
 
     def _micro_step(self, part, normalizer, stats, train_policy, record_gap):
-        """Forward and backward of one micro-batch; returns its (detached) loss."""
-        cfg = self.config
-        seq, attn, mask, pos = part.sequences, part.attention_mask, part.response_mask, part.position_ids
-        tokens = mask.sum()
+        """Forward and backward of one micro-batch through the policy and the
+        critic (side by side with ``concurrent_models``); returns the
+        (detached) loss."""
+        results = self.lanes.run(
+            (lambda: self._policy_pass(part, normalizer, record_gap)) if train_policy else None,
+            (lambda: self._critic_pass(part, normalizer)) if self.critic is not None else None)
         loss = torch.zeros((), device=self.device)
-        if train_policy:
-            with self._autocast():
-                logp, entropy = causal_lm_logprobs(self.policy, seq, attn, mask, temperature=cfg.temperature,
-                                                   position_ids=pos, return_entropy=True,
-                                                   chunk_size=cfg.logprob_chunk_size)
-            pg_loss, pg_stats = ops.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask,
-                                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                                    dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
-                                                    normalizer=normalizer)
-            policy_loss = pg_loss
-            if cfg.kl_in == "loss":
-                kl = ops.kl_penalty(logp, part.ref_logprobs, estimator=cfg.kl_estimator)
-                policy_loss = policy_loss + self.kl.coef * ppo.masked_agg(kl, mask, cfg.loss_agg, normalizer)
-            policy_loss.backward()
-            loss = loss + policy_loss.detach()
-            stats.add("policy/loss", pg_loss * normalizer / tokens.clamp(min=1), tokens)
-            for name, value in pg_stats.items():
-                stats.add(f"policy/{name}", value, tokens)
-            stats.add("policy/entropy", torch.where(mask, entropy.detach(), 0.0).sum() / tokens.clamp(min=1), tokens)
-            if record_gap:
-                gap = torch.where(mask, (logp.detach() - part.sampler_logprobs).abs(), 0.0)
-                stats.add("rollout/logprob_gap_mean", gap.sum() / tokens.clamp(min=1), tokens)
-        if self.critic is not None:
-            with self._autocast():
-                values = token_values(self.critic, seq, attn, pos)
-            vf_loss, vf_stats = ops.ppo_value_loss(values, part.values, part.returns, mask, clip=cfg.value_clip,
-                                                   agg=cfg.loss_agg, normalizer=normalizer)
-            vf_loss.backward()
-            loss = loss + vf_loss.detach()
-            stats.add("value/loss", vf_loss * normalizer / tokens.clamp(min=1), tokens)
-            stats.add("value/clipfrac", vf_stats["clipfrac"], tokens)
+        for result in results:
+            if result is not None:
+                loss = loss + result[0]
+                for name, value, weight in result[1]:
+                    stats.add(name, value, weight)
         return loss
+
+    def _policy_pass(self, part, normalizer, record_gap):
+        """The policy's loss on one micro-batch, backward done: ``(loss, [(stat, value, weight)])``."""
+        cfg = self.config
+        mask = part.response_mask
+        tokens = mask.sum()
+        with self._autocast():
+            logp, entropy = causal_lm_logprobs(self.policy, part.sequences, part.attention_mask, mask,
+                                               temperature=cfg.temperature, position_ids=part.position_ids,
+                                               return_entropy=True, chunk_size=cfg.logprob_chunk_size)
+        pg_loss, pg_stats = ops.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask,
+                                                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                dual_clip=cfg.dual_clip, agg=cfg.loss_agg, normalizer=normalizer)
+        policy_loss = pg_loss
+        if cfg.kl_in == "loss":
+            kl = ops.kl_penalty(logp, part.ref_logprobs, estimator=cfg.kl_estimator)
+            policy_loss = policy_loss + self.kl.coef * ppo.masked_agg(kl, mask, cfg.loss_agg, normalizer)
+        policy_loss.backward()
+        per_token = tokens.clamp(min=1)
+        stats = [("policy/loss", pg_loss * normalizer / per_token, tokens)]
+        stats += [(f"policy/{name}", value, tokens) for name, value in pg_stats.items()]
+        stats.append(("policy/entropy", torch.where(mask, entropy.detach(), 0.0).sum() / per_token, tokens))
+        if record_gap:
+            gap = torch.where(mask, (logp.detach() - part.sampler_logprobs).abs(), 0.0)
+            stats.append(("rollout/logprob_gap_mean", gap.sum() / per_token, tokens))
+        return policy_loss.detach(), stats
+
+    def _critic_pass(self, part, normalizer):
+        """The critic's clipped value loss on one micro-batch, backward done: ``(loss, [(stat, value, weight)])``."""
+        cfg = self.config
+        mask = part.response_mask
+        tokens = mask.sum()
+        with self._autocast():
+            values = token_values(self.critic, part.sequences, part.attention_mask, part.position_ids)
+        vf_loss, vf_stats = ops.ppo_value_loss(values, part.values, part.returns, mask, clip=cfg.value_clip,
+                                               agg=cfg.loss_agg, normalizer=normalizer)
+        vf_loss.backward()
+        stats = [("value/loss", vf_loss * normalizer / tokens.clamp(min=1), tokens),
+                 ("value/clipfrac", vf_stats["clipfrac"], tokens)]
+        return vf_loss.detach(), stats
 
     def _ptx_step(self, ptx_batch, micro, stats):
         """PPO-ptx: ``ptx_coef`` times the LM loss of the pretraining batch,

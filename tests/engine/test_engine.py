@@ -96,6 +96,27 @@ def test_micro_batch_split_does_not_change_results(agg):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (step, key)
 
 
+def test_concurrent_models_give_the_same_results():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the lanes need two threads to split
+    try:
+        runs = []
+        for concurrent in (False, True):
+            engine = make_engine(concurrent_models=concurrent)
+            assert (engine.lanes.pool is not None) == concurrent
+            runs.append(([numeric(engine.step(prompts(seed=i))) for i in range(2)], params(engine.policy),
+                         params(engine.critic)))
+    finally:
+        torch.set_num_threads(threads)
+    (metrics, policy, critic), (metrics_c, policy_c, critic_c) = runs
+    for step, (got, want) in enumerate(zip(metrics_c, metrics)):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), step
+    for name in policy:
+        torch.testing.assert_close(policy_c[name], policy[name], rtol=1e-6, atol=1e-7, msg=name)
+    for name in critic:
+        torch.testing.assert_close(critic_c[name], critic[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_resume_is_bit_identical(tmp_path):
     straight = make_engine(kl_target=0.5, lr_schedule="linear", total_steps=40, lr_warmup_steps=2)
     expected = [numeric(straight.step(prompts(seed=i))) for i in range(4)]
