@@ -517,15 +517,13 @@ class RLHFEngine:
         gradient is not finite: then the gradients are dropped and nothing
         changes. Returns whether the update was applied (one host sync)."""
         cfg = self.config
-        models = {"policy": self.policy, "critic": self.critic}
         trained = [name for name in self.optimizers if name == "critic" or train_policy]
-        params = {n: [p for p in _trainable(models[n]) if p.grad is not None] for n in trained}
-        norms = [distributed.local_value(torch.nn.utils.get_total_norm([p.grad for p in params[n]])) for n in trained]
-        # The global loss (a sum over ranks) and global norms: every rank takes the same decision.
-        total_loss = distributed.all_reduce(total_loss.float().clone())
-        checks = torch.stack([total_loss, *(n.float() for n in norms)]).tolist()
-        finite = all(math.isfinite(v) for v in checks)
-        for name, norm in zip(trained, checks[1:]):
+        params = {n: [p for p in _trainable(self._trained(n)) if p.grad is not None] for n in trained}
+
+        def grad_norm(name):
+            return distributed.local_value(torch.nn.utils.get_total_norm([p.grad for p in params[name]]))
+
+        def update(name, norm):
             if finite:
                 # Scaling only when the norm exceeds the bound saves a pass over every gradient.
                 if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
@@ -534,6 +532,13 @@ class RLHFEngine:
                 self.optimizers[name].step()
                 self.schedulers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
+
+        norms = self.lanes.run(*(functools.partial(grad_norm, n) for n in trained))
+        # The global loss (a sum over ranks) and global norms: every rank takes the same decision.
+        total_loss = distributed.all_reduce(total_loss.float().clone())
+        checks = torch.stack([total_loss, *(n.float() for n in norms)]).tolist()
+        finite = all(math.isfinite(v) for v in checks)
+        self.lanes.run(*(functools.partial(update, n, norm) for n, norm in zip(trained, checks[1:])))
         if not train_policy:
             self.optimizers["policy"].zero_grad(set_to_none=True)
         return finite

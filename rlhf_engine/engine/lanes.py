@@ -1,7 +1,7 @@
 """Two models' passes side by side on the CPU.
 
 In the learn phase the policy's and the critic's forward and backward are
-independent (separate graphs, separate optimizers). On a CPU whose cores one
+independent (separate graphs), and so are their optimizer steps. On a CPU whose cores one
 model's small matmuls cannot keep busy, running the two at once, each with
 half of torch's threads, beats running them one after the other with all of
 them (measured on 2 cores, small work: ``benchmarks/results``). The results
