@@ -228,10 +228,16 @@ def call_as_forward(model, fn, *args, **kwargs):
     (embeddings, final norm, heads) are gathered for ``fn`` and their
     gradients reduced in backward. Callers that use a model's parts (its
     body, then its head weight) go through this; for a plain module ``fn``
-    is simply called."""
+    is simply called. Outputs that are views are returned as copies (FSDP2
+    hooks backward on the outputs, and warns that an in-place change of a view
+    would bypass that); they are per-token values, small."""
     if not is_sharded(model):
         return fn(*args, **kwargs)
-    model.forward = fn
+
+    def forward(*a, **k):
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._is_view() else t, fn(*a, **k))
+
+    model.forward = forward
     try:
         return model(*args, **kwargs)
     finally:
