@@ -4,7 +4,8 @@ fixed global prompt batch; rank 0 writes the metrics of each iteration (or
 the error that ended the run) as JSON.
 
     python tests/engine/ppo_ranks.py OUT.json --iterations 4 [--save-at 2 --checkpoints DIR]
-                                              [--resume DIR] [--micro-batch-size 1] [--die-at 2]
+                                              [--resume DIR] [--micro-batch-size 1] [--group-ptx]
+                                              [--die-at 2]
 """
 import argparse
 import json
@@ -35,11 +36,24 @@ def tiny(model_class, seed, **extra):
     return model_class(config)
 
 
-def build_engine(micro_batch_size=None):
-    config = EngineConfig(device="cpu", max_new_tokens=6, mini_batch_size=4, micro_batch_size=micro_batch_size,
-                          ppo_epochs=2, lr=3e-3, critic_lr=3e-3,
-                          critic_init="policy", kl_coef=0.1, kl_target=1.0, kl_horizon=100, lr_schedule="linear",
-                          total_steps=40, shard_frozen=True, seed=3)
+# The second estimator's path: group baselines (no critic), the KL in the loss, PPO-ptx.
+GROUP_PTX = dict(advantage_estimator="group", samples_per_prompt=2, mini_batch_size=8, kl_in="loss",
+                 kl_estimator="k3", ptx_coef=0.1)
+
+
+def ptx_batch(layout):
+    """This rank's rows of a fixed global [4, 10] PPO-ptx batch."""
+    ids = torch.arange(40).reshape(4, 10) % (VOCAB - 3) + 3
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    rows = distributed.rows_of_rank(4, layout)
+    return ids[rows], mask[rows], mask[rows]
+
+
+def build_engine(micro_batch_size=None, **overrides):
+    settings = dict(device="cpu", max_new_tokens=6, mini_batch_size=4, micro_batch_size=micro_batch_size,
+                    ppo_epochs=2, lr=3e-3, critic_lr=3e-3, critic_init="policy", kl_coef=0.1, kl_target=1.0,
+                    kl_horizon=100, lr_schedule="linear", total_steps=40, shard_frozen=True, seed=3)
+    config = EngineConfig(**{**settings, **overrides})
     return RLHFEngine(tiny(LlamaForCausalLM, 0), Tokenizer(), config,
                       reward_model=tiny(LlamaForSequenceClassification, 1, num_labels=1))
 
@@ -52,13 +66,14 @@ def main():
     parser.add_argument("--checkpoints")
     parser.add_argument("--resume")
     parser.add_argument("--micro-batch-size", type=int)
+    parser.add_argument("--group-ptx", action="store_true", help="group baselines, KL in the loss, PPO-ptx")
     parser.add_argument("--die-at", type=int, default=0, help="rank 1 exits abruptly during this iteration's score")
     args = parser.parse_args()
     torch.set_num_threads(1)
     layout = distributed.init(timeout_s=60)
     history, error = [], None
     try:
-        engine = build_engine(args.micro_batch_size)
+        engine = build_engine(args.micro_batch_size, **(GROUP_PTX if args.group_ptx else {}))
         if args.resume:
             engine.load(args.resume)
         if args.die_at and layout.rank == 1:
@@ -72,7 +87,7 @@ def main():
             engine._score = dying_score
         mine = PROMPTS[distributed.rows_of_rank(len(PROMPTS), layout)]
         while engine.iteration < args.iterations:
-            metrics = engine.step(mine)
+            metrics = engine.step(mine, ptx_batch(layout) if args.group_ptx else None)
             history.append({k: v for k, v in metrics.items() if not k.startswith(("time/", "memory/", "info/"))
                             and "per_second" not in k})
             if engine.iteration == args.save_at:

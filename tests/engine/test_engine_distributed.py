@@ -88,6 +88,14 @@ def test_two_rank_checkpoint_resumes_on_any_world_size(one_rank, two_ranks, tmp_
     assert_same_trajectory(one_rank["history"][2:], result["history"])
 
 
+def test_group_baselines_kl_in_loss_and_ptx_follow_one_rank(tmp_path):
+    runs = [launch(world, tmp_path / f"out{world}.json", "--iterations", 2, "--group-ptx") for world in (1, 2)]
+    for codes, result, _ in runs:
+        assert result["error"] is None and set(codes) == {0}
+    assert "ptx/loss" in runs[0][1]["history"][0]
+    assert_same_trajectory(runs[0][1]["history"], runs[1][1]["history"])
+
+
 def test_a_dead_rank_is_named_by_the_others(tmp_path):
     codes, result, seconds = launch(2, tmp_path / "out.json", "--iterations", 3, "--die-at", 2)
     assert codes[1] == 9  # rank 1 died during iteration 2's score phase
