@@ -47,16 +47,18 @@ def ppo_work(size, **overrides):
     policy = build_policy(size, tokenizer, seed=0)
     reward = build_reward_model(size, tokenizer, seed=1)
     engine = RLHFEngine(policy, tokenizer, ppo_work_config(**overrides), reward_model=reward)
+    return engine, ((ids, torch.ones_like(ids, dtype=torch.bool)) for ids in prompt_batches(tokenizer))
+
+
+def prompt_batches(tokenizer):
+    """The work's endless stream of ``[8, 16]`` prompt-id batches: uniform
+    non-special tokens from a generator seeded with 1234 (TRL's side of the
+    comparison draws the same)."""
     special = set(tokenizer.all_special_ids)
     allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     generator = torch.Generator().manual_seed(1234)
-
-    def batches():
-        while True:
-            ids = allowed[torch.randint(len(allowed), (PROMPTS, PROMPT_TOKENS), generator=generator)]
-            yield ids, torch.ones_like(ids, dtype=torch.bool)
-
-    return engine, batches()
+    while True:
+        yield allowed[torch.randint(len(allowed), (PROMPTS, PROMPT_TOKENS), generator=generator)]
 
 
 def run_ppo_bench(size, iterations=3, warmup=1, **overrides):

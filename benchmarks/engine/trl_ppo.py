@@ -56,6 +56,7 @@ not comparable.
 """
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -74,7 +75,7 @@ import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback  # noqa: E402
 
-from rlhf_engine.bench import NEW_TOKENS, PROMPT_TOKENS, PROMPTS, ppo_work_config  # noqa: E402
+from rlhf_engine.bench import NEW_TOKENS, PROMPT_TOKENS, PROMPTS, ppo_work_config, prompt_batches  # noqa: E402
 from rlhf_engine.engine.metrics import rss_peak_mib  # noqa: E402
 from rlhf_engine.models.builders import build_policy, build_reward_model  # noqa: E402
 from rlhf_engine.models.scalar_heads import critic_from  # noqa: E402
@@ -82,13 +83,8 @@ from rlhf_engine.models.tokenizer import byte_tokenizer  # noqa: E402
 
 
 def prompt_ids(tokenizer, batches):
-    """``[batches * 8, 16]`` prompt ids drawn as :func:`rlhf_engine.bench.ppo_work`
-    draws its batches (non-special tokens, generator seed 1234)."""
-    special = set(tokenizer.all_special_ids)
-    allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-    generator = torch.Generator().manual_seed(1234)
-    return torch.cat([allowed[torch.randint(len(allowed), (PROMPTS, PROMPT_TOKENS), generator=generator)]
-                      for _ in range(batches)])
+    """``[batches * 8, 16]``: the engine benchmark's first ``batches`` prompt batches."""
+    return torch.cat(list(itertools.islice(prompt_batches(tokenizer), batches)))
 
 
 def ppo_config(iterations, output_dir):

@@ -1,10 +1,6 @@
 """Sharded checkpoints: 2 CPU ranks (gloo) shard a tiny Llama with FSDP2,
 take an AdamW step and save; a single process without a process group and
 2 ranks load it back. The ranks run tests/engine/checkpoint_ranks.py."""
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,32 +10,16 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
 from tests.engine.checkpoint_ranks import adamw, build
 from tests.engine.test_checkpoint import same_bits
+from tests.ranks import run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("checkpoint_ranks.py")
 
 
 def launch(mode, root, out, world_size=2, timeout=120):
     """Run ``checkpoint_ranks.py mode root out`` on ``world_size`` ranks; return rank 0's results."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(root), str(out)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=timeout)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"{mode}: rank {rank} exited with {proc.returncode}:\n{log[-3000:]}"
+    results = run_ranks([[WORKER, mode, root, out]] * world_size, timeout=timeout)
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"{mode}: rank {rank} exited with {code}:\n{log[-3000:]}"
     return torch.load(Path(out) / f"{mode}.pt", weights_only=True)
 
 

@@ -5,43 +5,26 @@ checkpoints that resume on 1 or 2 ranks, and a dead rank named by the
 survivors. Each run is
 ``ppo_ranks.py`` in fresh processes (a few seconds each to start)."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ranks import run_ranks
+
 WORKER = Path(__file__).with_name("ppo_ranks.py")
 ITERATIONS = 4
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world, out, *args, timeout=300):
     """Run the worker on ``world`` ranks (1: a plain process, no process
     group); returns (exit codes, rank 0's JSON, seconds)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    base["OMP_NUM_THREADS"] = "1"
-    if world > 1:
-        base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), *map(str, args)],
-                              env={**base, **({"RANK": str(r), "LOCAL_RANK": str(r)} if world > 1 else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    results = run_ranks([[WORKER, out, *args]] * world, timeout=timeout)
     seconds = time.monotonic() - start
-    codes = [p.returncode for p in procs]
-    assert Path(out).exists(), "\n".join(logs)
-    return codes, json.loads(Path(out).read_text()), seconds
+    assert Path(out).exists(), "\n".join(log for _, log in results)
+    return [code for code, _ in results], json.loads(Path(out).read_text()), seconds
 
 
 def assert_same_trajectory(expected, got):

@@ -6,10 +6,8 @@ mini-batch is split over the ranks."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from rlhf_engine.distributed import Layout
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, rank_rows
 from tests.pipeline.test_cli import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
+from tests.ranks import REPO, free_port, run_ranks
 
-REPO = Path(__file__).resolve().parents[2]
 SFT_ARGS = ["--max_steps", "4", "--batch_size", "4", "--eval_every", "2", "--save_every", "2", "--threads", "1"]
 RM_ARGS = ["--max_steps", "3", "--batch_size", "4", "--eval_every", "3", "--threads", "1"]
 
@@ -35,27 +33,10 @@ def torchrun(args, timeout=180):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(rank_args, timeout=120):
-    """``python -m rlhf_engine.cli ARGS`` as one rank each (torchrun's variables set by hand, so that the ranks
-    can be given different arguments): each one's exit status and stderr."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(len(rank_args)),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_engine.cli", *args], cwd=REPO,
-                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-             for rank, args in enumerate(rank_args)]
-    try:
-        errors = [proc.communicate(timeout=timeout)[1] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    return [(proc.returncode, err) for proc, err in zip(procs, errors)]
+    """``python -m rlhf_engine.cli ARGS`` as one rank each (so that the ranks can be given different
+    arguments): each one's exit status and output."""
+    return run_ranks([["-m", "rlhf_engine.cli", *args] for args in rank_args], timeout=timeout)
 
 
 def losses(folder, stage, *keys):
