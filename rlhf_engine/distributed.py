@@ -276,7 +276,10 @@ class _Heartbeat:
     is dead (killed, crashed, frozen): :func:`guard` names it when a
     collective fails, and when a collective hangs instead (NCCL keeps
     waiting for a dead peer) the thread itself ends the process after
-    ``timeout_s`` with the same message."""
+    ``timeout_s`` with the same message. Reading the others' counters is one
+    store round trip, done every ``timeout_s / 10`` seconds (and on
+    failure), so the store's load grows with the world size, not its square.
+    A rank that leaves cleanly sets its counter to -1."""
 
     _instance = None
 
@@ -292,22 +295,31 @@ class _Heartbeat:
             store = dist.distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError):
             return  # a process group without a store: failures are reported without names
-        cls._instance = cls(dist.PrefixStore("rlhf_engine/heartbeat/", store), dist.get_rank(),
-                            dist.get_world_size(), timeout_s)
-        cls._instance.thread.start()
+        beat = cls(dist.PrefixStore("rlhf_engine/heartbeat/", store), dist.get_rank(), dist.get_world_size(),
+                   timeout_s)
+        beat.store.add(str(beat.rank), 1)
+        dist.barrier()  # every counter exists before anyone reads them
+        cls._instance = beat
+        beat.thread.start()
 
     @classmethod
     def stop(cls):
-        if cls._instance is not None:
-            cls._instance.stopping.set()
+        beat, cls._instance = cls._instance, None
+        if beat is not None:
+            beat.stopping.set()
+            beat.thread.join(timeout=2 * HEARTBEAT_SECONDS)
             with contextlib.suppress(Exception):
-                cls._instance.store.set(f"done/{cls._instance.rank}", "1")
-            cls._instance = None
+                beat.store.set(str(beat.rank), "-1")
 
     def _run(self):
+        watch_every = max(HEARTBEAT_SECONDS, self.timeout_s / 10)
+        watched = time.monotonic()
         while not self.stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.add(str(self.rank), 1)
+                if time.monotonic() - watched < watch_every:
+                    continue
+                watched = time.monotonic()
                 stale = self.stale_ranks(self.timeout_s)
             except Exception:  # the store's host is gone: guard reports it
                 continue
@@ -317,13 +329,13 @@ class _Heartbeat:
                 os._exit(1)
 
     def stale_ranks(self, seconds):
-        """Ranks whose counter has not moved for ``seconds`` (finished ranks excluded)."""
+        """Ranks whose counter has not moved for ``seconds`` (ranks that left cleanly excluded)."""
         now = time.monotonic()
+        counts = self.store.multi_get([str(r) for r in range(self.world_size)])
         stale = []
-        for r in range(self.world_size):
-            if r == self.rank or self.store.check([f"done/{r}"]):
+        for r, count in enumerate(int(c) for c in counts):
+            if r == self.rank or count == -1:
                 continue
-            count = self.store.add(str(r), 0)
             last_count, since = self.seen[r]
             if count != last_count:
                 self.seen[r] = (count, now)

@@ -7,7 +7,10 @@ import random
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,22 +30,34 @@ def free_port():
             return port
 
 
+class RankRun(NamedTuple):
+    code: int  # exit status
+    output: str  # stdout and stderr together
+    seconds: float  # from the start to this process's exit
+
+
 def run_ranks(commands, timeout=180):
     """Run ``commands[r]`` (an argument list, after ``python``) as rank ``r``
     of ``len(commands)``; a single command runs as a plain process (a world of
-    one, no process group). Returns each rank's ``(exit status, output)``
-    (stdout and stderr together); every process is gone on return."""
+    one, no process group). Returns a :class:`RankRun` per rank; every
+    process is gone on return."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if len(commands) > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(len(commands)))
+    start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO,
                               env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)) if len(commands) > 1 else base,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank, command in enumerate(commands)]
+
+    def wait(proc):
+        output = proc.communicate(timeout=timeout)[0]
+        return RankRun(proc.returncode, output, time.monotonic() - start)
+
     try:
-        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        with ThreadPoolExecutor(len(procs)) as pool:
+            return list(pool.map(wait, procs))
     finally:
         for proc in procs:
             proc.kill()
-    return [(proc.returncode, out) for proc, out in zip(procs, outputs)]

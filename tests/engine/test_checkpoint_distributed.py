@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("checkpoint_ranks.py")
 def launch(mode, root, out, world_size=2, timeout=120):
     """Run ``checkpoint_ranks.py mode root out`` on ``world_size`` ranks; return rank 0's results."""
     results = run_ranks([[WORKER, mode, root, out]] * world_size, timeout=timeout)
-    for rank, (code, log) in enumerate(results):
+    for rank, (code, log, _) in enumerate(results):
         assert code == 0, f"{mode}: rank {rank} exited with {code}:\n{log[-3000:]}"
     return torch.load(Path(out) / f"{mode}.pt", weights_only=True)
 

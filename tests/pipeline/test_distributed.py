@@ -108,7 +108,7 @@ def test_ranks_started_with_different_options_stop_with_one_line(workspace, tmp_
     args = ["sft", "--model", str(workspace / "lm"), "--train_file", str(workspace / "demos.jsonl"), *SFT_ARGS,
             "--out", str(tmp_path / "run")]
     results = launch_ranks([args + ["--lr", "0.001"], args + ["--lr", "0.002"]])
-    for status, err in results:
+    for status, err, _ in results:
         assert status == 2 and "Traceback" not in err, err[-2000:]
         assert "error (rank" in err and "ranks disagree on options: rank 1: lr=0.002 (rank 0: 0.001)" in err
     assert not (tmp_path / "run").exists()  # nothing written
