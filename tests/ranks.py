@@ -36,7 +36,7 @@ class RankRun(NamedTuple):
     seconds: float  # from the start to this process's exit
 
 
-def run_ranks(commands, timeout=180):
+def run_ranks(commands, timeout=400):
     """Run ``commands[r]`` (an argument list, after ``python``) as rank ``r``
     of ``len(commands)``; a single command runs as a plain process (a world of
     one, no process group). Returns a :class:`RankRun` per rank; every

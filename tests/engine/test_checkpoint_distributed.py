@@ -15,7 +15,7 @@ from tests.ranks import run_ranks
 WORKER = Path(__file__).with_name("checkpoint_ranks.py")
 
 
-def launch(mode, root, out, world_size=2, timeout=120):
+def launch(mode, root, out, world_size=2, timeout=400):
     """Run ``checkpoint_ranks.py mode root out`` on ``world_size`` ranks; return rank 0's results."""
     results = run_ranks([[WORKER, mode, root, out]] * world_size, timeout=timeout)
     for rank, (code, log, _) in enumerate(results):

@@ -16,12 +16,12 @@ WORKER = Path(__file__).with_name("ppo_ranks.py")
 ITERATIONS = 4
 
 
-def launch(world, out, *args, timeout=300):
+def launch(world, out, *args, timeout=400):
     """Run the worker on ``world`` ranks (1: a plain process, no process
-    group); returns (exit codes, rank 0's JSON, rank 0's seconds)."""
+    group); returns (exit codes, rank 0's JSON, each rank's seconds)."""
     results = run_ranks([[WORKER, out, *args]] * world, timeout=timeout)
     assert Path(out).exists(), "\n".join(run.output for run in results)
-    return [run.code for run in results], json.loads(Path(out).read_text()), results[0].seconds
+    return [run.code for run in results], json.loads(Path(out).read_text()), [run.seconds for run in results]
 
 
 def assert_same_trajectory(expected, got):
@@ -81,4 +81,4 @@ def test_a_dead_rank_is_named_by_the_others(tmp_path):
     assert codes[1] == 9  # rank 1 died during iteration 2's score phase
     assert codes[0] == 1 and len(result["history"]) == 1
     assert result["error"].startswith("RankFailureError: rank 0: PPO iteration 2 failed: rank 1 stopped responding")
-    assert seconds < 60  # the worker's collective timeout
+    assert seconds[0] - seconds[1] < 60  # from rank 1's death: within the worker's collective timeout

@@ -24,7 +24,7 @@ SFT_ARGS = ["--max_steps", "4", "--batch_size", "4", "--eval_every", "2", "--sav
 RM_ARGS = ["--max_steps", "3", "--batch_size", "4", "--eval_every", "3", "--threads", "1"]
 
 
-def torchrun(args, timeout=180):
+def torchrun(args, timeout=400):
     """``python -m torch.distributed.run --nproc_per_node=2 -m rlhf_engine.cli ARGS``: its exit status and output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
@@ -33,7 +33,7 @@ def torchrun(args, timeout=180):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def launch_ranks(rank_args, timeout=120):
+def launch_ranks(rank_args, timeout=400):
     """``python -m rlhf_engine.cli ARGS`` as one rank each (so that the ranks can be given different
     arguments): each one's exit status and output."""
     return run_ranks([["-m", "rlhf_engine.cli", *args] for args in rank_args], timeout=timeout)
