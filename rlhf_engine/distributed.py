@@ -116,9 +116,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The ranks' ``tensor`` s (same shape on every rank) concatenated along
-    dim 0 in rank order: ``[world_size * n, ...]``."""
+    dim 0 in rank order: ``[world_size * n, ...]``. Bool tensors travel as
+    uint8 (the backends have no bool collectives)."""
     if not layout().distributed:
         return tensor
+    if tensor.dtype == torch.bool:
+        return all_gather_rows(tensor.to(torch.uint8)).bool()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)

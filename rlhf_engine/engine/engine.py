@@ -178,8 +178,8 @@ class RLHFEngine:
         shard the trained models (and the frozen ones with ``shard_frozen``)."""
         cfg = self.config
         distributed.check_agreement("the engine config", cfg.to_dict())
-        distributed.check_agreement("the starting weights (parameter checksums)",
-                                    {k: _fingerprint(m) for k, m in modules.items()})
+        trained = {k: _fingerprint(modules[k]) for k in ("policy", "critic") if k in modules}
+        distributed.check_agreement("the starting weights (parameter checksums)", {**self._fingerprints, **trained})
         if cfg.offload:
             raise NotImplementedError("offload=True with FSDP-sharded models (world size > 1) is not supported yet")
         sharded = ("policy", "critic") + (("ref", "reward") if cfg.shard_frozen else ())
@@ -316,8 +316,7 @@ class RLHFEngine:
         if len(set(rows)) > 1:
             raise ValueError(f"every rank must pass the same number of prompts to step(); sequences per rank: {rows}")
         exp = pad_to(exp, max(prompt_widths), max(response_widths), self.pad_id)
-        return map_tensors(exp, lambda t: distributed.all_gather_rows(t.to(torch.uint8)).bool()
-                           if t.dtype == torch.bool else distributed.all_gather_rows(t))
+        return map_tensors(exp, distributed.all_gather_rows)
 
     @torch.no_grad()
     def _score(self, rollout):
@@ -571,9 +570,8 @@ class RLHFEngine:
         (e.g. its data position), returned by :meth:`load`. Returns the path.
         Under torch.distributed every rank calls it: each writes its shards
         (torch.distributed.checkpoint), into a folder all ranks share."""
-        with distributed.guard(f"saving iteration {self.iteration}"):
-            tensors, objects = self.state(extra)
-            return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)
+        tensors, objects = self.state(extra)
+        return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)  # names a failed rank
 
     def load(self, directory):
         """Restore the latest complete checkpoint under ``directory`` (or the
