@@ -52,8 +52,11 @@ def cpu_capability():
 
 
 # CPU kernels written with ATen's vector types and at::parallel_for: they go
-# into the torch extension. Every other csrc/cpu/*.cpp is plain C++.
-ATEN_CPU_SOURCES = ["csrc/cpu/logprobs.cpp"]
+# into the torch extension, compiled with -fopenmp (at::parallel_for is inline
+# OpenMP code in torch's headers: without the flag it runs on one thread). The
+# extension then needs libgomp.so.1, which torch has already loaded.
+# Every other csrc/cpu/*.cpp is plain C++.
+ATEN_CPU_SOURCES = ["csrc/cpu/decode_linear.cpp", "csrc/cpu/logprobs.cpp"]
 
 
 def plain_cpu_sources():
@@ -70,7 +73,8 @@ def cpu_extension():
         "rlhf_engine._C",
         sources,
         include_dirs=[INCLUDE],
-        extra_compile_args=["-O3", "-std=c++17", "-Wno-unknown-pragmas", *CPU_FLAGS[cap], *defines],
+        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", *CPU_FLAGS[cap], *defines],
+        extra_link_args=["-fopenmp"],
     )
 
 

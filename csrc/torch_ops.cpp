@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "rlhf_engine/decode_linear.h"
 #include "rlhf_engine/logprobs.h"
 
 namespace {
@@ -126,9 +127,38 @@ void token_logprobs_backward_(
                               logits.data_ptr());
 }
 
+// x [M, K] (unit stride along K), weight [N, K] (unit stride along K), bias
+// [N] or none: x @ weight.T + bias as a new contiguous [M, N], all float32.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rlhf_engine_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "rlhf_engine_cpu: decode_linear takes float32 x and weight, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "rlhf_engine_cpu: decode_linear needs x [M, K] and weight [N, K], got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK((x.size(1) <= 1 || x.stride(1) == 1) && (weight.size(1) <= 1 || weight.stride(1) == 1),
+              "rlhf_engine_cpu: decode_linear needs unit stride along K");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == n && bias->is_contiguous(),
+                "rlhf_engine_cpu: decode_linear's bias must be a contiguous float32 [N] CPU tensor");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  const int rc = rlhf_decode_linear_cpu(x.data_ptr<float>(), m, k, std::max<int64_t>(x.stride(0), k),
+                                        weight.data_ptr<float>(), n, std::max<int64_t>(weight.stride(0), k),
+                                        bias_ptr, y.data_ptr<float>());
+  TORCH_CHECK(rc == 0, "rlhf_decode_linear_cpu failed with code ", rc);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rlhf_engine_cpu, m) {
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("token_logprobs_forward(Tensor logits, Tensor labels, float temperature, int ignore_index, "
         "bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor stats)");
   m.def("token_logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
@@ -138,6 +168,7 @@ TORCH_LIBRARY(rlhf_engine_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(rlhf_engine_cpu, CPU, m) {
+  m.impl("decode_linear", &decode_linear);
   m.impl("token_logprobs_forward", &token_logprobs_forward);
   m.impl("token_logprobs_backward", &token_logprobs_backward);
   m.impl("token_logprobs_backward_", &token_logprobs_backward_);

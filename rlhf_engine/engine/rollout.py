@@ -22,9 +22,15 @@ Choices measured on the CPU (float32 Llama models, batch 8, 16-token prompts,
 32 new tokens; benchmarks/engine/bench_rollout.py compares the whole sampler
 with ``model.generate``):
 
-* ``DynamicCache`` rather than ``StaticCache``: the static cache attends over
-  (and pads the mask to) its full preallocated length at every step, which
-  costs more than the dynamic cache's per-step concatenation at these sizes.
+* The KV cache is ``models.decode.decode_cache``: a ``DynamicCache`` whose
+  layers write into one buffer sized for the rollout and attend over views
+  of its filled prefix. ``DynamicCache`` itself concatenates the whole cache
+  at every step; ``StaticCache`` attends over (and pads the mask to) its full
+  preallocated length at every step, which cost more than that copy here.
+* The model's ``nn.Linear`` layers run decode steps (a few rows) through the
+  decode-step kernel (``models.decode.decode_linears``): MKL's sgemm packs
+  every weight before a product of 8 rows, and read the weights at a third
+  of the memory's speed.
 * The model's own attention implementation: for one query token SDPA and
   eager attention cost the same here, so the sampler does not switch it.
 * The attention mask lives in one preallocated ``[B, P + max_new_tokens]``
@@ -45,9 +51,8 @@ import inspect
 import numbers
 
 import torch
-from transformers import DynamicCache
-
 from rlhf_engine.engine.batch import Rollout
+from rlhf_engine.models.decode import decode_cache, decode_linears
 from rlhf_engine.models.logprobs import positions_from_mask
 
 
@@ -180,32 +185,33 @@ def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
     logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
     alive = torch.ones(batch, steps, dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    cache = DynamicCache(config=model.config)
+    cache = decode_cache(model, prompt_len + steps)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
-    positions = positions_from_mask(prompt_mask)
-    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, **extra).logits[:, -1]
-    positions = positions[:, -1:].clone()
-    taken = steps
-    for t in range(steps):
-        token, logp = next_token(logits, params, generator, None if uniforms is None else uniforms[:, t:t + 1])
-        if stop:
-            alive[:, t] = ~finished; finished_ = None
-            token = token.masked_fill(finished, pad)
-            logp = logp.masked_fill(finished, 0.0)
-            finished |= token == eos
-        tokens[:, t] = token
-        logprobs[:, t] = logp
-        if t + 1 == steps or (stop and finished.all().item()):
-            taken = t + 1
-            break
-        # Finished rows keep decoding (pad tokens, masked in, as generate does):
-        # their outputs are discarded and never reach the other rows.
-        mask[:, prompt_len + t] = True
-        positions += 1
-        logits = model(input_ids=token[:, None], attention_mask=mask[:, :prompt_len + t + 1], position_ids=positions,
+    with decode_linears(model):
+        positions = positions_from_mask(prompt_mask)
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                        past_key_values=cache, use_cache=True, **extra).logits[:, -1]
+        positions = positions[:, -1:].clone()
+        taken = steps
+        for t in range(steps):
+            token, logp = next_token(logits, params, generator, None if uniforms is None else uniforms[:, t:t + 1])
+            if stop:
+                alive[:, t] = ~finished
+                token = token.masked_fill(finished, pad)
+                logp = logp.masked_fill(finished, 0.0)
+                finished |= token == eos
+            tokens[:, t] = token
+            logprobs[:, t] = logp
+            if t + 1 == steps or (stop and finished.all().item()):
+                taken = t + 1
+                break
+            # Finished rows keep decoding (pad tokens, masked in, as generate does):
+            # their outputs are discarded and never reach the other rows.
+            mask[:, prompt_len + t] = True
+            positions += 1
+            logits = model(input_ids=token[:, None], attention_mask=mask[:, :prompt_len + t + 1],
+                           position_ids=positions, past_key_values=cache, use_cache=True, **extra).logits[:, -1]
     if not stop and eos is not None:
         finished = tokens[:, taken - 1] == eos
     return tokens[:, :taken], logprobs[:, :taken], alive[:, :taken], finished
