@@ -5,7 +5,8 @@ independent (separate graphs), and so are their optimizer steps. On a CPU whose 
 model's small matmuls cannot keep busy, running the two at once, each with
 half of torch's threads, beats running them one after the other with all of
 them (measured on 2 cores, small work: ``benchmarks/results``). The results
-are the same; only the threads that compute them change.
+are the same up to float32 rounding: only the threads that compute them
+change, and MKL splits some products differently on fewer threads.
 """
 from concurrent.futures import ThreadPoolExecutor
 

@@ -165,9 +165,13 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     targets[:, 0] = False
     rows_b, rows_t = targets.nonzero(as_tuple=True)
     labels = input_ids[rows_b, rows_t].long()
-    model_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # The last position predicts no token of the sequence: the model runs
+    # without it (a causal model's other positions do not see it).
+    keep = slice(None, max(seq - 1, 1))
+    model_kwargs = dict(input_ids=input_ids[:, keep], use_cache=False,
+                        attention_mask=None if attention_mask is None else attention_mask[:, keep])
     if position_ids is not None:
-        model_kwargs["position_ids"] = position_ids
+        model_kwargs["position_ids"] = position_ids[:, keep]
 
     head, reason = linear_head(model)
     body = _body(model) if head is not None else None

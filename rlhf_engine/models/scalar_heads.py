@@ -157,9 +157,14 @@ def token_values(model, input_ids, attention_mask, position_ids=None):
                          f"got {type(model).__name__}")
     body, head = parts
 
+    # values[:, t] needs the hidden state at t - 1: the last position's is
+    # never used, and the body runs without it (causal: nothing else sees it).
+    keep = slice(None, max(input_ids.shape[1] - 1, 1))
+
     def values():
-        hidden = _hidden(body, input_ids, attention_mask, position_ids)
-        return nn.functional.pad(head(hidden[:, :-1]).squeeze(-1).float(), (1, 0))
+        hidden = _hidden(body, input_ids[:, keep], None if attention_mask is None else attention_mask[:, keep],
+                         None if position_ids is None else position_ids[:, keep])
+        return nn.functional.pad(head(hidden[:, :input_ids.shape[1] - 1]).squeeze(-1).float(), (1, 0))
 
     return call_as_forward(model, values)
 
