@@ -333,7 +333,8 @@ class RLHFEngine:
                                          chunk_size=cfg.logprob_chunk_size)
             values = None
             if self.critic is not None:
-                values = torch.where(resp, token_values(self.critic, seq, attn, pos), 0.0)
+                values = torch.where(resp, token_values(self.critic, seq, attn, pos,
+                                                        from_position=rollout.prompt_length), 0.0)
             raw_scores = sequence_scores(self.reward, seq, attn, pos).float()
             last_values = None
             if cfg.truncated_response == "bootstrap" and self.critic is not None:
@@ -484,7 +485,8 @@ class RLHFEngine:
         mask = part.response_mask
         tokens = mask.sum()
         with self._autocast():
-            values = token_values(self.critic, part.sequences, part.attention_mask, part.position_ids)
+            values = token_values(self.critic, part.sequences, part.attention_mask, part.position_ids,
+                                  from_position=part.prompt_length)
         vf_loss, vf_stats = ops.ppo_value_loss(values, part.values, part.returns, mask, clip=cfg.value_clip,
                                                agg=cfg.loss_agg, normalizer=normalizer)
         vf_loss.backward()

@@ -36,6 +36,7 @@ from torch import nn
 
 from rlhf_engine import ops as _ops
 from rlhf_engine.distributed import call_as_forward
+from rlhf_engine.models.last_layer import last_layer_from
 
 # Final logit scaling of the transformers families that apply one, keyed by
 # ``config.model_type`` (checked against transformers 5.17's modeling code):
@@ -178,13 +179,17 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     if head is not None and body is None:
         head, reason = None, f"{type(model).__name__} has no separate body module"
 
+    # The body's last layer runs from the first position that predicts a target on.
+    first = int(rows_t.min()) - 1 if labels.numel() else 0
+
     def body_then_head():  # None when the body's output does not fit the head
-        hidden = body(**model_kwargs)
+        with last_layer_from(body, first) as offset:
+            hidden = body(**model_kwargs)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
         current = linear_head(model)[0]  # read now: FSDP2 swaps in the gathered weight during the forward
         if hidden.shape[-1] != current.weight.shape[1]:
             return None
-        rows = hidden[rows_b, rows_t - 1]
+        rows = hidden[rows_b, rows_t - 1 - offset]
         if labels.numel() == 0:
             return _empty(rows, return_entropy)
         return _ops.linear_token_logprobs(rows, current.weight, labels, bias=current.bias,

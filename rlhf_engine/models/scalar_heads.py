@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_engine.distributed import call_as_forward
+from rlhf_engine.models.last_layer import last_layer_from
 
 
 def scalar_head(model):
@@ -51,13 +52,17 @@ def _check(input_ids, attention_mask, position_ids):
             raise ValueError(f"{name} is on {t.device}, input_ids on {input_ids.device}")
 
 
-def _hidden(body, input_ids, attention_mask, position_ids):
-    """``[B, T, H]`` last hidden states of ``body``, in its dtype."""
+def _hidden(body, input_ids, attention_mask, position_ids, start=0):
+    """``(hidden, offset)``: ``body``'s last hidden states at positions
+    ``offset:`` (``[B, T - offset, H]``, in its dtype), with ``offset`` =
+    ``start`` where the last layer can skip the earlier positions, else 0
+    (``models.last_layer``)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    out = body(**kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    with last_layer_from(body, start) as offset:
+        out = body(**kwargs)
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), offset
 
 
 def last_real_index(attention_mask):
@@ -107,11 +112,13 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
     body, head = parts
 
     def scores():
-        hidden = _hidden(body, input_ids, attention_mask, position_ids)
         if attention_mask is None:
+            hidden, _ = _hidden(body, input_ids, attention_mask, position_ids, input_ids.shape[1] - 1)
             rows = hidden[:, -1]
         else:
-            rows = hidden[torch.arange(batch, device=hidden.device), last_real_index(attention_mask)]
+            last = last_real_index(attention_mask)
+            hidden, offset = _hidden(body, input_ids, attention_mask, position_ids, int(last.min()))
+            rows = hidden[torch.arange(batch, device=hidden.device), last - offset]
         return head(rows).squeeze(-1).float()
 
     return call_as_forward(model, scores)
@@ -131,7 +138,7 @@ def _generic_scores(model, input_ids, attention_mask, batch):
                      f"it returned {what}")
 
 
-def token_values(model, input_ids, attention_mask, position_ids=None):
+def token_values(model, input_ids, attention_mask, position_ids=None, *, from_position=1):
     """The critic's value of every state: ``values[:, t]`` is the head
     applied to the hidden state at ``t - 1`` (the state that predicts token
     ``t``), ``values[:, 0] = 0``.
@@ -140,6 +147,9 @@ def token_values(model, input_ids, attention_mask, position_ids=None):
         model: a HF seq-cls model with ``num_labels=1`` (head ``model.score``).
         input_ids, attention_mask, position_ids: ``[B, T]``, as for
             :func:`sequence_scores`.
+        from_position: the first ``t`` whose value is wanted (e.g. the first
+            response column); earlier values may come back as 0, and the
+            model's last layer then skips those positions.
 
     Returns:
         ``[B, T]`` float32 (head applied in the body's dtype), differentiable
@@ -159,12 +169,14 @@ def token_values(model, input_ids, attention_mask, position_ids=None):
 
     # values[:, t] needs the hidden state at t - 1: the last position's is
     # never used, and the body runs without it (causal: nothing else sees it).
-    keep = slice(None, max(input_ids.shape[1] - 1, 1))
+    seq = input_ids.shape[1]
+    keep = slice(None, max(seq - 1, 1))
+    start = min(max(int(from_position) - 1, 0), max(seq - 2, 0))
 
     def values():
-        hidden = _hidden(body, input_ids[:, keep], None if attention_mask is None else attention_mask[:, keep],
-                         None if position_ids is None else position_ids[:, keep])
-        return nn.functional.pad(head(hidden[:, :input_ids.shape[1] - 1]).squeeze(-1).float(), (1, 0))
+        hidden, offset = _hidden(body, input_ids[:, keep], None if attention_mask is None else attention_mask[:, keep],
+                                 None if position_ids is None else position_ids[:, keep], start)
+        return nn.functional.pad(head(hidden[:, :seq - 1 - offset]).squeeze(-1).float(), (offset + 1, 0))
 
     return call_as_forward(model, values)
 
