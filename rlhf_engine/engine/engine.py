@@ -525,14 +525,21 @@ class RLHFEngine:
             return distributed.local_value(torch.nn.utils.get_total_norm([p.grad for p in params[name]]))
 
         def update(name, norm):
+            optimizer = self.optimizers[name]
             if finite:
-                # Scaling only when the norm exceeds the bound saves a pass over every gradient.
-                if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                    torch.nn.utils.clip_grads_with_norm_(params[name], cfg.max_grad_norm,
-                                                         torch.tensor(norm, device=self.device))
-                self.optimizers[name].step()
+                # Clipping (only when the norm exceeds the bound) divides the gradients by
+                # (norm + 1e-6) / max_grad_norm, as clip_grad_norm_ does, inside the fused
+                # AdamW's own pass (its grad_scale, torch.amp.GradScaler's protocol)
+                # instead of in a pass of its own over every gradient.
+                clip = cfg.max_grad_norm is not None and norm > cfg.max_grad_norm
+                if clip:
+                    optimizer.grad_scale = torch.tensor((norm + 1e-6) / cfg.max_grad_norm, device=self.device)
+                try:
+                    optimizer.step()
+                finally:
+                    vars(optimizer).pop("grad_scale", None)
                 self.schedulers[name].step()
-            self.optimizers[name].zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
 
         norms = self.lanes.run(*(functools.partial(grad_norm, n) for n in trained))
         # The global loss (a sum over ranks) and global norms: every rank takes the same decision.

@@ -59,6 +59,10 @@ def decode_linear(x, weight, bias=None):
             f"along K, an optional float32 CPU bias, grad mode off and the native extension built "
             f"({_native.CPU_ERROR or 'built'}); got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {weight.dtype} "
             f"{tuple(weight.shape)} on {weight.device}, grad mode {torch.is_grad_enabled()}")
+    return _run(x, weight, bias)
+
+
+def _run(x, weight, bias):
     rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -69,5 +73,5 @@ def decode_linear(x, weight, bias=None):
 def linear(x, weight, bias=None):
     """``F.linear``, through :func:`decode_linear` where it :func:`applies`."""
     if applies(x, weight, bias):
-        return decode_linear(x, weight, bias)
+        return _run(x, weight, bias)
     return F.linear(x, weight, bias)

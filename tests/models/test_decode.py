@@ -40,16 +40,16 @@ def test_decode_linears_route_small_calls_and_restore():
     model = llama()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     calls = []
-    original = decode_linear.decode_linear
+    original = decode_linear._run
     try:
-        decode_linear.decode_linear = lambda *args: calls.append(args[0].shape) or original(*args)
+        decode_linear._run = lambda *args: calls.append(args[0].shape) or original(*args)
         ids = torch.randint(3, 50, (3, 7))
         expected = decode_logits(model, ids, DynamicCache(config=model.config))
         with decode_linears(model):
             assert all("forward" in vars(m) for m in linears)
             got = decode_logits(model, ids, DynamicCache(config=model.config))
     finally:
-        decode_linear.decode_linear = original
+        decode_linear._run = original
     assert not any("forward" in vars(m) for m in linears)
     # 7 linears per layer and the head, in each of the 4 single-token steps; the 21-row prefill is too big
     assert len(calls) == 4 * (7 * 2 + 1) and all(shape[:-1] == (3, 1) for shape in calls)
