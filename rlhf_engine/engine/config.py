@@ -41,7 +41,10 @@ class EngineConfig:
                                    "(default: each rank holds a full copy; the policy and critic are always sharded).")
     concurrent_models: bool = _f(True, "On the CPU (2+ torch threads, one process), run the policy's and the "
                                        "critic's forward/backward side by side, each with half of the threads; the "
-                                       "results are the same.")
+                                       "results are the same up to float32 rounding.")
+    retain_freed_memory: bool = _f(True, "On the CPU (Linux, glibc), keep freed memory in malloc's heap for reuse "
+                                         "instead of faulting in fresh pages every iteration (a process-wide "
+                                         "malloc setting; see rlhf_engine.engine.cpu_allocator).")
     logprob_chunk_size: Optional[int] = _f(None, "Rows of logits held at once by linear_token_logprobs "
                                                  "(None: chosen from free memory).")
 

@@ -30,6 +30,7 @@ from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_
                                            save_checkpoint)
 from rlhf_engine.engine.config import EngineConfig
 from rlhf_engine.engine.kl_control import KLController
+from rlhf_engine.engine.cpu_allocator import retain_freed_memory
 from rlhf_engine.engine.lanes import Lanes
 from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
 from rlhf_engine.engine.offload import OffloadPolicy, Placement
@@ -167,6 +168,8 @@ class RLHFEngine:
         self.skipped_updates = 0
         self.lanes = Lanes(cfg.concurrent_models and self.device.type == "cpu" and not self.layout.distributed
                            and torch.get_num_threads() > 1)
+        if cfg.retain_freed_memory and self.device.type == "cpu":
+            retain_freed_memory()
 
         # Placement: everything starts on the device; offload moves what a phase does not use.
         self.placement = Placement(self.device, policy=OffloadPolicy.parse(cfg.offload_policy, enabled=cfg.offload),
