@@ -18,6 +18,7 @@ import contextlib
 import functools
 import types
 
+import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -29,9 +30,11 @@ from rlhf_engine.ops import decode_linear
 def decode_linears(model):
     """Route ``model``'s ``nn.Linear`` calls through
     :func:`rlhf_engine.ops.decode_linear.linear` while the block runs.
-    Layers whose ``forward`` is already replaced on the instance (hooks of
-    other libraries) and subclasses of ``nn.Linear`` are left alone."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+    Only float32 layers on the CPU are routed; layers whose ``forward`` is
+    already replaced on the instance (hooks of other libraries) and
+    subclasses of ``nn.Linear`` are left alone."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for layer in layers:
         layer.forward = types.MethodType(_decode_forward, layer)
     try:

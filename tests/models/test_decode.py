@@ -86,3 +86,9 @@ def test_buffered_cache_refuses_overflow():
     layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
     with pytest.raises(RuntimeError, match="holds 3 positions; 4 were written"):
         layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+
+
+def test_decode_linears_route_only_float32_cpu_layers():
+    model = llama().to(torch.bfloat16)
+    with decode_linears(model):
+        assert not any("forward" in vars(m) for m in model.modules())
