@@ -32,4 +32,5 @@ def retain_freed_memory(max_heap_block=MAX_HEAP_BLOCK, keep=KEEP):
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(max_heap_block))) and bool(libc.mallopt(M_TRIM_THRESHOLD, int(keep)))
+    return (bool(libc.mallopt(M_MMAP_THRESHOLD, int(max_heap_block)))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, int(keep))))

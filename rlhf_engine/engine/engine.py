@@ -29,8 +29,8 @@ from rlhf_engine.engine.batch import Experience, map_tensors, pad_to, select
 from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                            save_checkpoint)
 from rlhf_engine.engine.config import EngineConfig
-from rlhf_engine.engine.kl_control import KLController
 from rlhf_engine.engine.cpu_allocator import retain_freed_memory
+from rlhf_engine.engine.kl_control import KLController
 from rlhf_engine.engine.lanes import Lanes
 from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
 from rlhf_engine.engine.offload import OffloadPolicy, Placement

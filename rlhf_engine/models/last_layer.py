@@ -46,6 +46,15 @@ def prunable_layer(body):
     return layer
 
 
+def last_hidden(body, inputs, start=0):
+    """``(hidden, offset)``: ``body(**inputs)``'s last hidden states at
+    positions ``offset:`` (``[B, T - offset, H]``, in its dtype), run with
+    :func:`last_layer_from` ``start``; ``offset`` is the start applied."""
+    with last_layer_from(body, start) as offset:
+        out = body(**inputs)
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), offset
+
+
 @contextlib.contextmanager
 def last_layer_from(body, start):
     """While open, ``body``'s last layer computes its output at positions

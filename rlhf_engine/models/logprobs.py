@@ -36,7 +36,7 @@ from torch import nn
 
 from rlhf_engine import ops as _ops
 from rlhf_engine.distributed import call_as_forward
-from rlhf_engine.models.last_layer import last_layer_from
+from rlhf_engine.models.last_layer import last_hidden
 
 # Final logit scaling of the transformers families that apply one, keyed by
 # ``config.model_type`` (checked against transformers 5.17's modeling code):
@@ -166,13 +166,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     targets[:, 0] = False
     rows_b, rows_t = targets.nonzero(as_tuple=True)
     labels = input_ids[rows_b, rows_t].long()
-    # The last position predicts no token of the sequence: the model runs
-    # without it (a causal model's other positions do not see it).
-    keep = slice(None, max(seq - 1, 1))
-    model_kwargs = dict(input_ids=input_ids[:, keep], use_cache=False,
-                        attention_mask=None if attention_mask is None else attention_mask[:, keep])
-    if position_ids is not None:
-        model_kwargs["position_ids"] = position_ids[:, keep]
+    model_kwargs = model_inputs(input_ids, attention_mask, position_ids, drop_last=True)
 
     head, reason = linear_head(model)
     body = _body(model) if head is not None else None
@@ -183,9 +177,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     first = int(rows_t.min()) - 1 if labels.numel() else 0
 
     def body_then_head():  # None when the body's output does not fit the head
-        with last_layer_from(body, first) as offset:
-            hidden = body(**model_kwargs)
-        hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+        hidden, offset = last_hidden(body, model_kwargs, first)
         current = linear_head(model)[0]  # read now: FSDP2 swaps in the gathered weight during the forward
         if hidden.shape[-1] != current.weight.shape[1]:
             return None
@@ -210,6 +202,19 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     outs = out if return_entropy else (out,)
     scattered = tuple(_scatter(v, rows_b, rows_t, batch, seq) for v in outs)
     return scattered if return_entropy else scattered[0]
+
+
+def model_inputs(input_ids, attention_mask, position_ids=None, *, drop_last=False):
+    """Keyword arguments of a HF model (or body) forward over ``[B, T]``
+    inputs, without a cache. ``drop_last``: without the last position when
+    its output is not read (it predicts no token of the sequence, and no
+    other position of a causal model sees it); a one-position input is kept."""
+    keep = slice(None, max(input_ids.shape[1] - 1, 1) if drop_last else None)
+    inputs = dict(input_ids=input_ids[:, keep], use_cache=False,
+                  attention_mask=None if attention_mask is None else attention_mask[:, keep])
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids[:, keep]
+    return inputs
 
 
 def _empty(rows, return_entropy):

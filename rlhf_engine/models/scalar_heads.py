@@ -18,7 +18,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_engine.distributed import call_as_forward
-from rlhf_engine.models.last_layer import last_layer_from
+from rlhf_engine.models.last_layer import last_hidden
+from rlhf_engine.models.logprobs import model_inputs
 
 
 def scalar_head(model):
@@ -50,19 +51,6 @@ def _check(input_ids, attention_mask, position_ids):
             raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
         if t.device != input_ids.device:
             raise ValueError(f"{name} is on {t.device}, input_ids on {input_ids.device}")
-
-
-def _hidden(body, input_ids, attention_mask, position_ids, start=0):
-    """``(hidden, offset)``: ``body``'s last hidden states at positions
-    ``offset:`` (``[B, T - offset, H]``, in its dtype), with ``offset`` =
-    ``start`` where the last layer can skip the earlier positions, else 0
-    (``models.last_layer``)."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    with last_layer_from(body, start) as offset:
-        out = body(**kwargs)
-    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), offset
 
 
 def last_real_index(attention_mask):
@@ -111,13 +99,15 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
         return _generic_scores(model, input_ids, attention_mask, batch)
     body, head = parts
 
+    inputs = model_inputs(input_ids, attention_mask, position_ids)
+
     def scores():
         if attention_mask is None:
-            hidden, _ = _hidden(body, input_ids, attention_mask, position_ids, input_ids.shape[1] - 1)
+            hidden, _ = last_hidden(body, inputs, input_ids.shape[1] - 1)
             rows = hidden[:, -1]
         else:
             last = last_real_index(attention_mask)
-            hidden, offset = _hidden(body, input_ids, attention_mask, position_ids, int(last.min()))
+            hidden, offset = last_hidden(body, inputs, int(last.min()))
             rows = hidden[torch.arange(batch, device=hidden.device), last - offset]
         return head(rows).squeeze(-1).float()
 
@@ -167,15 +157,13 @@ def token_values(model, input_ids, attention_mask, position_ids=None, *, from_po
                          f"got {type(model).__name__}")
     body, head = parts
 
-    # values[:, t] needs the hidden state at t - 1: the last position's is
-    # never used, and the body runs without it (causal: nothing else sees it).
+    # values[:, t] needs the hidden state at t - 1: the last position's is never used.
     seq = input_ids.shape[1]
-    keep = slice(None, max(seq - 1, 1))
+    inputs = model_inputs(input_ids, attention_mask, position_ids, drop_last=True)
     start = min(max(int(from_position) - 1, 0), max(seq - 2, 0))
 
     def values():
-        hidden, offset = _hidden(body, input_ids[:, keep], None if attention_mask is None else attention_mask[:, keep],
-                                 None if position_ids is None else position_ids[:, keep], start)
+        hidden, offset = last_hidden(body, inputs, start)
         return nn.functional.pad(head(hidden[:, :seq - 1 - offset]).squeeze(-1).float(), (offset + 1, 0))
 
     return call_as_forward(model, values)
