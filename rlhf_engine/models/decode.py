@@ -30,9 +30,14 @@ from rlhf_engine.ops import decode_linear
 def decode_linears(model):
     """Route ``model``'s ``nn.Linear`` calls through
     :func:`rlhf_engine.ops.decode_linear.linear` while the block runs.
-    Only float32 layers on the CPU are routed; layers whose ``forward`` is
+    Only float32 layers on the CPU outside CPU autocast are routed (under
+    bf16 autocast the trainer computes in bf16, and so must the sampler, or
+    their log-probs drift apart); layers whose ``forward`` is
     already replaced on the instance (hooks of other libraries) and
     subclasses of ``nn.Linear`` are left alone."""
+    if torch.is_autocast_enabled("cpu"):  # the layers compute in the autocast dtype: leave them to autocast
+        yield
+        return
     layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for layer in layers:

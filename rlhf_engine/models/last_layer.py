@@ -16,8 +16,8 @@ layers) this skips a fifth of the last layer's work in every log-prob and
 value pass, and nearly all of it in the reward model's.
 
 Supported: Llama, Mistral and Qwen2 decoder layers (``PRUNABLE``) with SDPA
-or eager attention and no sliding window; anything else runs in full
-(``start`` 0). The layer code follows transformers' for these models
+or eager attention and no sliding window, not under gradient checkpointing;
+anything else runs in full (``start`` 0). The layer code follows transformers' for these models
 (transformers 5.x: decoder layers take ``position_embeddings`` and an
 already-built mask); a mismatch shows in tests/models/test_last_layer.py.
 """
@@ -39,11 +39,21 @@ def prunable_layer(body):
         return None
     layer = layers[-1]
     attention = getattr(layer, "self_attn", None)
-    if (type(layer).__name__ not in PRUNABLE or attention is None or "forward" in vars(layer)
+    if (type(layer).__name__ not in PRUNABLE or attention is None or "forward" in vars(layer) or recomputes(layer)
             or getattr(attention, "sliding_window", None) is not None
             or getattr(attention.config, "_attn_implementation", None) not in _ATTENTION):
         return None
     return layer
+
+
+def recomputes(layer):
+    """Whether ``layer`` is set up for HuggingFace gradient checkpointing:
+    its backward then calls the layer's ``forward`` again, after
+    :func:`last_layer_from` has put the original back, so such a layer is
+    never pruned (the recompute would see a different function) -- in no
+    pass, so that the no-grad passes (PPO's old log-probs and values) and the
+    checkpointed training passes compute the same function to the bit."""
+    return bool(getattr(layer, "gradient_checkpointing", False))
 
 
 def last_hidden(body, inputs, start=0):

@@ -68,6 +68,17 @@ def last_real_index(attention_mask):
     return torch.where(real, positions, -1).amax(-1)
 
 
+def score_offset(model):
+    """The constant subtracted from ``model``'s head output: its
+    ``config.score_offset`` (the mean score the ``rm`` stage measured on
+    held-out demonstrations, so that they score 0 on average, as
+    InstructGPT normalises its reward model), 0.0 when not set. It lives in
+    the config, so a saved model folder carries it to every consumer, and a
+    critic copied from the reward model starts on the same scale."""
+    offset = getattr(getattr(model, "config", None), "score_offset", None)
+    return 0.0 if offset is None else float(offset)
+
+
 def sequence_scores(model, input_ids, attention_mask, position_ids=None):
     """One scalar per sequence: the reward model's score.
 
@@ -86,7 +97,8 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
     Returns:
         ``[B]`` float32: for a seq-cls model, the head applied to the hidden
         state at each row's last real token (last position where
-        ``attention_mask`` is 1); differentiable w.r.t. the parameters.
+        ``attention_mask`` is 1), minus :func:`score_offset`; differentiable
+        w.r.t. the parameters.
 
     Raises:
         ValueError: wrong shapes/devices, a row with no real token, or a
@@ -96,7 +108,7 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
     batch = input_ids.shape[0]
     parts = scalar_head(model)
     if parts is None:
-        return _generic_scores(model, input_ids, attention_mask, batch)
+        return _generic_scores(model, input_ids, attention_mask, batch) - score_offset(model)
     body, head = parts
 
     inputs = model_inputs(input_ids, attention_mask, position_ids)
@@ -109,7 +121,7 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
             last = last_real_index(attention_mask)
             hidden, offset = last_hidden(body, inputs, int(last.min()))
             rows = hidden[torch.arange(batch, device=hidden.device), last - offset]
-        return head(rows).squeeze(-1).float()
+        return head(rows).squeeze(-1).float() - score_offset(model)
 
     return call_as_forward(model, scores)
 
@@ -142,7 +154,8 @@ def token_values(model, input_ids, attention_mask, position_ids=None, *, from_po
             model's last layer then skips those positions.
 
     Returns:
-        ``[B, T]`` float32 (head applied in the body's dtype), differentiable
+        ``[B, T]`` float32 (head applied in the body's dtype, minus
+        :func:`score_offset`, as the reward model's scores), differentiable
         w.r.t. the parameters. Positions outside the response are not zeroed:
         masking is the caller's.
 
@@ -164,7 +177,8 @@ def token_values(model, input_ids, attention_mask, position_ids=None, *, from_po
 
     def values():
         hidden, offset = last_hidden(body, inputs, start)
-        return nn.functional.pad(head(hidden[:, :seq - 1 - offset]).squeeze(-1).float(), (offset + 1, 0))
+        out = head(hidden[:, :seq - 1 - offset]).squeeze(-1).float() - score_offset(model)
+        return nn.functional.pad(out, (offset + 1, 0))
 
     return call_as_forward(model, values)
 
