@@ -25,6 +25,7 @@ class Rollout:
     sampler_logprobs: torch.Tensor  # [B, T] float32: the sampler's log-prob of each response token
     finished: torch.Tensor  # [B] bool: the response ended with EOS (False: cut at max_new_tokens)
     prompt_length: int  # P
+    filter_kl: Optional[torch.Tensor] = None  # [B, T] float32: KL(top-k/top-p filtered || unfiltered) per token
 
     @property
     def position_ids(self):

@@ -3,19 +3,57 @@
 field's ``help`` is its flag's documentation) and a JSON/YAML file into an
 instance. Batch sizes count sequences (prompts x samples per prompt)."""
 import dataclasses
+import math
 from dataclasses import field
 from typing import Optional
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
     "old_logprobs": ("recompute", "rollout"),
-    "truncated_response": ("as_is", "penalty", "bootstrap"),
+    "truncated_response": ("as_is", "penalty"),
     "kl_in": ("reward", "loss"),
-    "kl_estimator": ("k1", "k2", "k3"),
-    "advantage_estimator": ("gae", "group"),
+    "kl_estimator": ("auto", "k1", "k2", "k3"),
+    "advantage_estimator": ("gae", "group", "rloo", "dr_grpo"),
     "loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "lr_schedule": ("constant", "linear", "cosine"),
     "critic_init": ("reward", "policy"),
+}
+
+# What each KL placement and estimator optimises, with d = log pi - log ref
+# at tokens sampled from pi (the samples held fixed, as in every PPO pass):
+#
+#   kl_in="reward" (a per-token penalty -kl_coef * k in the reward, then GAE):
+#     k1 = d       its expectation is KL(pi || ref), and the policy-gradient
+#                  of the penalised return is the gradient of KL(pi || ref):
+#                  InstructGPT's objective. The default.
+#     k2, k3       refused: as rewards their policy gradient is ~3% of the
+#                  KL's near the reference and points away from it further out.
+#   kl_in="loss" (kl_coef * k added to the policy loss, differentiated):
+#     k1           refused: E_pi[grad d] = 0, the term adds noise and no pull.
+#     k2 = d^2/2   gradient E_pi[d grad log pi] = grad KL(pi || ref) (reverse KL).
+#     k3 = e^-d - 1 + d   gradient E_pi[(1 - ref/pi) grad log pi]
+#                  = grad KL(ref || pi) (forward KL); bounded and low-variance,
+#                  veRL's and GRPO's choice. The default in the loss.
+KL_ESTIMATORS = {"reward": ("k1",), "loss": ("k2", "k3")}
+KL_DEFAULT = {"reward": "k1", "loss": "k3"}
+KL_DIVERGENCE = {("reward", "k1"): "KL(pi || ref)", ("loss", "k2"): "KL(pi || ref)",
+                 ("loss", "k3"): "KL(ref || pi)"}
+_KL_REFUSED = {
+    ("reward", "k2"): "as a per-token reward, k2's policy gradient is not the KL's (about 3% of it near the "
+                      "reference, and pointing away from it further out)",
+    ("reward", "k3"): "as a per-token reward, k3's policy gradient is not the KL's (about 3% of it near the "
+                      "reference, and pointing away from it further out)",
+    ("loss", "k1"): "in the loss, k1's expected gradient is exactly zero (it adds noise and no pull toward the "
+                    "reference)",
+}
+
+# Values that used to be accepted and are now refused, with why and what to use instead.
+_REMOVED = {
+    ("truncated_response", "bootstrap"): "it added the critic's value of the cut state to the score of the cut "
+                                         "text, counting the score twice (the value already estimates the return "
+                                         "including the final score), without the discount, at a state the critic "
+                                         "is never trained on; use 'penalty' (a fixed score for cut responses) or "
+                                         "'as_is'",
 }
 
 
@@ -50,35 +88,43 @@ class EngineConfig:
 
     # Rollout
     max_new_tokens: int = _f(64, "Most tokens sampled per response.")
-    temperature: float = _f(1.0, "Sampling temperature (the trainer scores at the same temperature).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off).")
-    top_k: int = _f(0, "Top-k sampling (0: off).")
+    temperature: float = _f(1.0, "Sampling temperature > 0 (the trainer scores the same tempered distribution; "
+                                  "greedy decoding has no sampling distribution for the PPO ratio and the KL).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off). Responses are then drawn from the filtered "
+                            "distribution while the ratio and the KL use the unfiltered one (the objective is "
+                            "the policy's); the per-token gap is reported as rollout/filter_kl.")
+    top_k: int = _f(0, "Top-k sampling (0: off); see top_p.")
     stop_at_eos: bool = _f(True, "End a response at EOS; False samples exactly max_new_tokens.")
     samples_per_prompt: int = _f(1, "Responses sampled per prompt (the group size of group baselines).")
     old_logprobs: str = _f("recompute", "Old policy log-probs: 'recompute' (a forward of the policy in the score "
                                         "phase) or 'rollout' (the sampler's own, saving that forward).")
 
     # Score
-    truncated_response: str = _f("as_is", "Responses cut at max_new_tokens without EOS: 'as_is', 'penalty' "
-                                          "(score replaced by truncation_penalty) or 'bootstrap' (the critic's "
-                                          "value of the cut state added to the score).")
+    truncated_response: str = _f("as_is", "Responses cut at max_new_tokens without EOS: 'as_is' (scored as they "
+                                          "are) or 'penalty' (score replaced by truncation_penalty).")
     truncation_penalty: float = _f(-1.0, "Score of a truncated response under truncated_response=penalty.")
-    score_clip: Optional[float] = _f(None, "Clip reward-model scores to [-score_clip, score_clip].")
+    score_clip: Optional[float] = _f(None, "Clip reward-model scores to [-score_clip, score_clip] (> 0; None: off).")
 
     # KL control
     kl_in: str = _f("reward", "Where the KL to the reference goes: 'reward' (per-token penalty, InstructGPT) "
                               "or 'loss' (a term of the policy loss).")
-    kl_estimator: str = _f("k1", "KL estimator: k1 (log-ratio), k2 (squared), k3 (low-variance).")
-    kl_coef: float = _f(0.05, "KL coefficient (initial value under the adaptive controller).")
+    kl_estimator: str = _f("auto", "KL estimator, d = log pi - log ref: 'auto' (k1 in the reward, k3 in the loss); "
+                                   "in the reward k1 (d: optimises KL(pi||ref)); in the loss k2 (d^2/2: gradient "
+                                   "of KL(pi||ref)) or k3 (e^-d - 1 + d, low variance: gradient of KL(ref||pi)). "
+                                   "The other pairs do not regularise and are refused.")
+    kl_coef: float = _f(0.05, "KL coefficient >= 0 (initial value under the adaptive controller, then > 0).")
     kl_target: Optional[float] = _f(None, "Target KL per sequence: set to use the adaptive controller of "
-                                          "Ziegler et al. (2019).")
+                                          "Ziegler et al. (2019); a checkpoint keeps its coefficient, the target "
+                                          "and horizon are the config's.")
     kl_horizon: int = _f(10000, "Horizon (in sequences) of the adaptive KL controller.")
 
     # Advantages
-    advantage_estimator: str = _f("gae", "'gae' (critic) or 'group' (group baselines: samples_per_prompt > 1, "
-                                         "no critic).")
-    gamma: float = _f(1.0, "Discount.")
-    lam: float = _f(0.95, "GAE lambda.")
+    advantage_estimator: str = _f("gae", "'gae' (critic), or group baselines without a critic "
+                                         "(samples_per_prompt > 1): 'group' (GRPO: score minus the group mean, "
+                                         "over the group std), 'rloo' (minus the mean of the other samples) or "
+                                         "'dr_grpo' (minus the group mean, no std division).")
+    gamma: float = _f(1.0, "Discount, in [0, 1].")
+    lam: float = _f(0.95, "GAE lambda, in [0, 1].")
     whiten_advantages: bool = _f(True, "Whiten advantages over the batch's response tokens.")
 
     # Learn
@@ -86,24 +132,24 @@ class EngineConfig:
     mini_batch_size: int = _f(8, "Sequences per optimizer step.")
     micro_batch_size: Optional[int] = _f(None, "Sequences per forward/backward (None: the mini-batch); results "
                                                "do not depend on it.")
-    clip_low: float = _f(0.2, "PPO ratio clip below (1 - clip_low).")
-    clip_high: Optional[float] = _f(None, "PPO ratio clip above (None: clip_low).")
+    clip_low: float = _f(0.2, "PPO ratio clip below (1 - clip_low), in (0, 1).")
+    clip_high: Optional[float] = _f(None, "PPO ratio clip above (1 + clip_high), > 0 (None: clip_low).")
     dual_clip: Optional[float] = _f(None, "Dual-clip constant c > 1 (None: off).")
     loss_agg: str = _f("token-mean", "How token losses become a batch loss.")
-    value_clip: float = _f(0.2, "Clip of the critic's value change.")
+    value_clip: float = _f(0.2, "Clip of the critic's value change (> 0).")
     lr: float = _f(1e-6, "Policy learning rate (AdamW).")
     critic_lr: float = _f(5e-6, "Critic learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.95, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: Optional[float] = _f(1.0, "Gradient clipping (None: off; non-finite gradients are skipped "
-                                             "either way).")
+    max_grad_norm: Optional[float] = _f(1.0, "Gradient clipping bound > 0 (None: off; non-finite gradients are "
+                                             "skipped either way).")
     lr_schedule: str = _f("constant", "Learning-rate schedule after warm-up.")
     lr_warmup_steps: int = _f(0, "Optimizer steps of linear warm-up.")
     total_steps: int = _f(0, "Optimizer steps of the linear/cosine schedules (0: no decay).")
     critic_init: str = _f("reward", "Critic built from the 'reward' model or the 'policy' (when not given).")
-    critic_warmup_iterations: int = _f(0, "First iterations that train the critic only.")
+    critic_warmup_iterations: int = _f(0, "First iterations that train the critic only (needs a critic: gae).")
     ptx_coef: float = _f(0.0, "PPO-ptx: coefficient of the language-modelling loss on pretraining/SFT data.")
 
     # Observability
@@ -111,26 +157,152 @@ class EngineConfig:
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "samples_per_prompt", "ppo_epochs", "mini_batch_size", "kl_horizon"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size:
-            raise ValueError(f"micro_batch_size must be a positive integer or None, got {self.micro_batch_size!r}")
-        for name in ("temperature", "lr", "critic_lr"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.advantage_estimator == "group" and self.samples_per_prompt < 2:
-            raise ValueError("advantage_estimator='group' needs samples_per_prompt >= 2")
-        if self.kl_target is not None and not self.kl_target > 0:
-            raise ValueError(f"kl_target must be > 0 or None, got {self.kl_target!r}")
+            value = getattr(self, name)
+            if (name, value) in _REMOVED:
+                raise ValueError(f"{name}={value!r} is not supported: {_REMOVED[name, value]}")
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        _check_numbers(self)
+        _check_combinations(self)
+        if self.device != "auto":
+            _check_device(self.device)
+        from rlhf_engine.engine.offload import OffloadPolicy
+        try:
+            OffloadPolicy.parse(self.offload_policy, enabled=self.offload)
+        except ValueError as error:
+            raise ValueError(f"offload_policy={self.offload_policy!r}: {error}; use comma-separated item=phases "
+                             f"entries, each item once (e.g. 'reward=all,ref=score')") from None
+
+    @property
+    def kl_estimator_used(self):
+        """The estimator applied: ``kl_estimator``, or the placement's default under "auto"."""
+        return KL_DEFAULT[self.kl_in] if self.kl_estimator == "auto" else self.kl_estimator
+
+    @property
+    def kl_divergence(self):
+        """The divergence the KL term optimises (its gradient's), e.g. ``"KL(pi || ref)"``."""
+        return KL_DIVERGENCE[self.kl_in, self.kl_estimator_used]
 
     @property
     def uses_critic(self):
         return self.advantage_estimator == "gae"
 
+    @property
+    def group_baseline(self):
+        """The group-baseline rule (``"group"``, ``"rloo"``, ``"dr_grpo"``), None with GAE."""
+        return None if self.uses_critic else self.advantage_estimator
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def _real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Numeric fields: (name, test, what the test demands). Optional fields pass when None.
+_NUMBERS = (
+    ("max_new_tokens", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("samples_per_prompt", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("ppo_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("mini_batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("kl_horizon", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("micro_batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1 or None"),
+    ("logprob_chunk_size", lambda v: _integer(v) and v >= 1, "an integer >= 1 or None"),
+    ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("top_k", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    ("lr_warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("total_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no decay)"),
+    ("critic_warmup_iterations", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("temperature", lambda v: _real(v) and v > 0, "a finite number > 0 (greedy decoding has no sampling "
+                                                  "distribution for the PPO ratio and the KL; use e.g. 0.1)"),
+    ("top_p", lambda v: _real(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
+    ("truncation_penalty", _real, "a finite number"),
+    ("score_clip", lambda v: _real(v) and v > 0, "a finite number > 0 or None (off)"),
+    ("kl_coef", lambda v: _real(v) and v >= 0, "a finite number >= 0 (a negative one rewards drifting away "
+                                               "from the reference)"),
+    ("kl_target", lambda v: _real(v) and v > 0, "a finite number > 0 or None (fixed coefficient)"),
+    ("gamma", lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("lam", lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
+    ("clip_low", lambda v: _real(v) and 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_low must be "
+                                                   "in (0, 1))"),
+    ("clip_high", lambda v: _real(v) and v > 0, "a finite number > 0 or None (clip_low)"),
+    ("dual_clip", lambda v: _real(v) and v > 1, "a finite number > 1 or None (off)"),
+    ("value_clip", lambda v: _real(v) and v > 0, "a finite number > 0"),
+    ("lr", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    ("critic_lr", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    ("weight_decay", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+    ("adam_beta1", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    ("adam_eps", lambda v: _real(v) and v > 0, "a finite number > 0"),
+    ("max_grad_norm", lambda v: _real(v) and v > 0, "a finite number > 0 or None (off)"),
+    ("ptx_coef", lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: off)"),
+)
+
+
+def _check_numbers(cfg):
+    for name, test, demand in _NUMBERS:
+        value = getattr(cfg, name)
+        if value is None and "or None" in demand:  # an optional field
+            continue
+        if not test(value):
+            raise ValueError(f"{name} must be {demand}, got {value!r}")
+
+
+# Fields that act only together with another setting: (is it active, what it needs).
+_DEPENDENT = {
+    "offload_policy": (lambda c: c.offload, "offload=True"),
+    "kl_horizon": (lambda c: c.kl_target is not None, "kl_target (the adaptive KL controller)"),
+    "critic_init": (lambda c: c.uses_critic, "a critic (advantage_estimator='gae')"),
+    "critic_warmup_iterations": (lambda c: c.uses_critic, "a critic (advantage_estimator='gae'): there is "
+                                                          "nothing to warm up, and nothing would train"),
+    "truncation_penalty": (lambda c: c.truncated_response == "penalty", "truncated_response='penalty'"),
+}
+
+
+def _check_combinations(cfg):
+    """The fields that interact: refuse the pairs that crash or do nothing, naming the alternative."""
+    estimator = cfg.kl_estimator_used
+    if (cfg.kl_in, estimator) in _KL_REFUSED:
+        usable = " or ".join(KL_ESTIMATORS[cfg.kl_in])
+        other = "loss" if cfg.kl_in == "reward" else "reward"
+        raise ValueError(f"kl_in={cfg.kl_in!r} with kl_estimator={estimator!r}: {_KL_REFUSED[cfg.kl_in, estimator]}; "
+                         f"use kl_estimator={usable} there (or 'auto'), or kl_in={other!r}")
+    if not cfg.uses_critic and cfg.samples_per_prompt < 2:
+        raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} (a group baseline) needs "
+                         f"samples_per_prompt >= 2, got {cfg.samples_per_prompt}; or use 'gae' (a critic)")
+    for name, (active, needs) in _DEPENDENT.items():
+        default = cfg.__dataclass_fields__[name].default
+        if getattr(cfg, name) != default and not active(cfg):
+            raise ValueError(f"{name}={getattr(cfg, name)!r} has no effect without {needs}: set that, or leave "
+                             f"{name} at its default ({default!r})")
+    if cfg.kl_target is not None and cfg.kl_coef == 0:
+        raise ValueError("kl_target with kl_coef=0: the adaptive controller scales the coefficient and can never "
+                         "move it from 0; start from kl_coef > 0")
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size > cfg.mini_batch_size:
+        raise ValueError(f"micro_batch_size={cfg.micro_batch_size} exceeds mini_batch_size={cfg.mini_batch_size}; "
+                         f"a micro-batch splits a mini-batch: use micro_batch_size <= {cfg.mini_batch_size} or None")
+    if cfg.lr_schedule != "constant" and cfg.total_steps and cfg.total_steps <= cfg.lr_warmup_steps:
+        raise ValueError(f"lr_schedule={cfg.lr_schedule!r} decays over total_steps={cfg.total_steps}, which is not "
+                         f"past lr_warmup_steps={cfg.lr_warmup_steps}; raise total_steps or use 'constant'")
+
+
+def _check_device(spec):
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r} ({error})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={spec!r}, but this machine has no CUDA device (torch "
+                             f"{torch.__version__}); use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={spec!r}, but there are {torch.cuda.device_count()} CUDA devices")

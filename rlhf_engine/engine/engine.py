@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,19 +36,36 @@ from rlhf_engine.engine.lanes import Lanes
 from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
 from rlhf_engine.engine.offload import OffloadPolicy, Placement
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed, row_uniforms, sample
-from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.models import causal_lm_logprobs, encode_prompt, positions_from_mask
+from rlhf_engine.models.modes import training_without_dropout
 from rlhf_engine.models.scalar_heads import critic_from, sequence_scores, token_values
 
 CHECKPOINT_FORMAT = 2  # 2: trained state in torch.distributed.checkpoint format
 
 
+# Config attributes under which another attention implementation computes a
+# different function (the eager path applies them, SDPA does not).
+_ATTENTION_SEMANTICS = ("attn_logit_softcapping",)
+
+
 def select_attention(model, device):
-    """flash-attn's kernels when flash-attn is installed and the model is on
-    a GPU, else PyTorch SDPA; returns the implementation's name."""
+    """Switch ``model`` between the standard attention implementations to the
+    fastest one here (flash-attn's kernels when flash-attn is installed and
+    the model is on a GPU, else PyTorch SDPA) when that computes the same
+    function: the model is on ``eager`` or ``sdpa``, supports the target,
+    and sets nothing only the eager path honours (attention logit
+    soft-capping, e.g. Gemma 2). Otherwise the user's choice is kept.
+    Returns the implementation in use."""
+    config = model.config
+    current = getattr(config, "_attn_implementation", None)
     wanted = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    if getattr(model.config, "_attn_implementation", None) != wanted:
+    supported = getattr(model, "_supports_flash_attn" if wanted == "flash_attention_2" else "_supports_sdpa", False)
+    configs = [config] + [getattr(config, name) for name in ("text_config", "decoder") if hasattr(config, name)]
+    semantic = any(getattr(c, attr, None) is not None for c in configs for attr in _ATTENTION_SEMANTICS)
+    if current in ("eager", "sdpa") and current != wanted and supported and not semantic:
         model.set_attn_implementation(wanted)
-    return wanted
+        return wanted
+    return current
 
 
 def lr_factor(step, *, warmup, total, schedule):
@@ -86,6 +104,33 @@ def _fingerprint(model):
         return None
     with torch.no_grad():
         return float(sum(distributed.local_value(p).double().abs().sum() for p in model.parameters()))
+
+
+def _vocabulary(model):
+    """Rows of ``model``'s input embedding table, None when it has none we can read."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def _check_vocabularies(tokenizer, models):
+    """Every model reads the policy's token ids: refuse one whose embedding
+    table has another size than the policy's (another tokenizer: its scores
+    would be of other tokens) or cannot hold the tokenizer's ids."""
+    sizes = {name: _vocabulary(m) for name, m in models.items() if m is not None}
+    sizes = {name: size for name, size in sizes.items() if size is not None}
+    policy = sizes.get("policy")
+    for name, size in sizes.items():
+        if policy is not None and size != policy:
+            raise ValueError(f"the {name}'s vocabulary has {size} entries, the policy's {policy}: it was built for "
+                             f"another tokenizer, and the engine feeds every model the policy's token ids. Use a "
+                             f"{name} trained with the policy's tokenizer (or resize_token_embeddings to match if "
+                             f"they share one)")
+    count = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if count is not None and policy is not None and count > policy:
+        raise ValueError(f"the tokenizer has {count} tokens, the policy's embedding table {policy} rows")
 
 
 def _trainable(model):
@@ -137,6 +182,8 @@ class RLHFEngine:
         if cfg.uses_critic:
             self.critic = critic if critic is not None else critic_from(reward_model if cfg.critic_init == "reward"
                                                                         else policy)
+        _check_vocabularies(tokenizer, {"policy": policy, "reference": self.ref, "reward model": self.reward,
+                                        "critic": self.critic})
         self.attn_implementation = select_attention(policy, self.device)
         for model in (self.ref, self.reward, self.critic):
             if model is not None and hasattr(model, "set_attn_implementation"):
@@ -146,8 +193,10 @@ class RLHFEngine:
                 if model is not None:
                     model.gradient_checkpointing_enable()
 
+        # Eval mode outside the learn passes (which train without dropout: models.modes), so that
+        # every pass -- rollout, score, learn -- computes the same function of the weights.
         modules = {"policy": self.policy, "ref": self.ref, "reward": self.reward, "critic": self.critic}
-        modules = {k: m.to(self.device) for k, m in modules.items() if m is not None}
+        modules = {k: m.to(self.device).eval() for k, m in modules.items() if m is not None}
         self._fingerprints = {"ref": _fingerprint(self.ref), "reward": _fingerprint(self.reward)}
         if self.layout.distributed:
             modules = self._shard(modules)
@@ -196,12 +245,18 @@ class RLHFEngine:
         """Build from HuggingFace model folders or hub names."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+        def load(auto, path, what, **kwargs):
+            model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+            if info.get("missing_keys"):
+                missing = sorted(info["missing_keys"])
+                raise ValueError(f"{path} is not a {what} folder: loading it would initialise "
+                                 f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} at random")
+            return model
+
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or policy_path)
-        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-        reward = AutoModelForSequenceClassification.from_pretrained(reward_model_path, num_labels=1,
-                                                                    dtype=torch.float32)
-        critic = (AutoModelForSequenceClassification.from_pretrained(critic_path, num_labels=1, dtype=torch.float32)
-                  if critic_path else None)
+        policy = load(AutoModelForCausalLM, policy_path, "causal LM (policy)")
+        reward = load(AutoModelForSequenceClassification, reward_model_path, "reward model", num_labels=1)
+        critic = load(AutoModelForSequenceClassification, critic_path, "critic", num_labels=1) if critic_path else None
         return cls(policy, tokenizer, config, reward_model=reward, critic=critic)
 
     def _adamw(self, model, lr):
@@ -220,12 +275,19 @@ class RLHFEngine:
         """Run one PPO iteration on ``prompts`` and return its metrics.
 
         Args:
-            prompts: a list of strings (tokenized as is), a list of token-id
-                lists, or a ``(ids [B, P], mask [B, P])`` left-padded pair.
-            ptx_batch: for PPO-ptx (``config.ptx_coef > 0``), a
-                ``(ids [M, L], attention_mask [M, L], loss_mask [M, L])``
-                batch of pretraining/SFT text; ``loss_mask`` marks the tokens
-                whose log-likelihood is maximised.
+            prompts: a list of strings (encoded by
+                :func:`rlhf_engine.models.encode_prompt`: the chat template
+                or the plain format the ``sft`` stage trains on), a list of
+                token-id lists, or a ``(ids [B, P], mask [B, P])``
+                left-padded pair.
+            ptx_batch: for PPO-ptx (``config.ptx_coef > 0``, where it is
+                required), this iteration's pretraining/SFT rows
+                ``(ids [M, L], attention_mask [M, L], loss_mask [M, L])``,
+                left- or right-padded; ``loss_mask`` marks the tokens whose
+                log-likelihood is maximised. Every optimizer step trains on
+                rows no other step of the iteration sees: step ``j`` of
+                :meth:`updates_per_iteration` ``n`` takes rows ``j::n``, so
+                ``M >= n`` (``M = n x rows per step`` uses them all).
 
         Returns:
             a flat dict of floats (and ``info/*`` strings): see README.
@@ -234,11 +296,13 @@ class RLHFEngine:
         recorder = PhaseRecorder(self.device)
         profiler = self._profiler()
         start = time.perf_counter()
+        prompt_ids, prompt_mask = self._encode(prompts)
+        ptx_batch = self._check_ptx(ptx_batch, len(prompt_ids))
         with profiler, distributed.guard(f"PPO iteration {self.iteration + 1}"):
             # 1. Rollout: the policy samples responses to this rank's prompts.
             with recorder.phase("rollout"):
                 self.placement.enter("rollout")
-                rollout = self._rollout(prompts)
+                rollout = self._rollout(prompt_ids, prompt_mask)
             # 2. Score: old and reference log-probs, values, reward-model scores; then
             #    every rank holds the global batch (the rest of the iteration is global).
             with recorder.phase("score"):
@@ -265,6 +329,40 @@ class RLHFEngine:
                    "info/attn_implementation": self.attn_implementation}
         return metrics
 
+    def updates_per_iteration(self, num_prompts):
+        """Optimizer steps of one :meth:`step` on ``num_prompts`` prompts (the
+        global count under torch.distributed): PPO epochs x mini-batches."""
+        sequences = num_prompts * self.config.samples_per_prompt
+        return self.config.ppo_epochs * math.ceil(sequences / self.config.mini_batch_size)
+
+
+    def _check_ptx(self, ptx_batch, num_prompts):
+        """``ptx_batch`` as three ``[M, L]`` tensors (validated), or None when PPO-ptx is off."""
+        cfg = self.config
+        if cfg.ptx_coef == 0:
+            if ptx_batch is not None:
+                raise ValueError("ptx_batch was given but config.ptx_coef is 0: it would be ignored; set ptx_coef > 0 "
+                                 "or pass no ptx_batch")
+            return None
+        if ptx_batch is None:
+            raise ValueError(f"config.ptx_coef={cfg.ptx_coef} needs pretraining rows: pass step(prompts, ptx_batch=("
+                             f"ids, attention_mask, loss_mask))")
+        if not (isinstance(ptx_batch, (tuple, list)) and len(ptx_batch) == 3
+                and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in ptx_batch)):
+            raise ValueError("ptx_batch must be a tuple of three [M, L] tensors (ids, attention_mask, loss_mask)")
+        ids, attn, loss_mask = ptx_batch
+        if attn.shape != ids.shape or loss_mask.shape != ids.shape:
+            raise ValueError(f"ptx_batch tensors must share one shape; got {tuple(ids.shape)}, {tuple(attn.shape)}, "
+                             f"{tuple(loss_mask.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"ptx_batch ids must be integer token ids, got {ids.dtype}")
+        steps = self.updates_per_iteration(num_prompts * self.layout.world_size)
+        if ids.shape[0] < steps:
+            raise ValueError(f"ptx_batch has {ids.shape[0]} rows for the iteration's {steps} optimizer steps (ppo_epochs "
+                             f"x mini-batches): every step needs fresh rows; pass at least {steps} (a multiple of "
+                             f"{steps} uses them all)")
+        return ids.long(), attn.bool(), loss_mask.bool()
+
     def _slowest_rank(self, phase_metrics):
         """Phase times and peak memories: the largest over the ranks."""
         names = sorted(phase_metrics)
@@ -283,23 +381,50 @@ class RLHFEngine:
                                       on_trace_ready=lambda p: p.export_chrome_trace(str(path)))
 
     def _encode(self, prompts):
+        """This rank's prompts as ``(ids [B, P] int64, mask [B, P] bool)``,
+        left-padded, checked against the policy's vocabulary and positions.
+        Strings go through :func:`rlhf_engine.models.encode_prompt`, the
+        format the ``sft`` stage trains on (chat template or plain)."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of prompts (strings or token-id lists) or an (ids, mask) pair, "
+                             "not one string (it would be read as one prompt per character)")
         if isinstance(prompts, tuple):
+            if len(prompts) != 2 or not all(isinstance(t, torch.Tensor) for t in prompts):
+                raise ValueError("a tuple of prompts must be (ids [B, P], mask [B, P]) tensors")
             ids, mask = prompts
-            return ids.long(), mask.bool()
-        if not len(prompts):
-            raise ValueError("prompts is empty")
-        if isinstance(prompts[0], str):
-            prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("a prompt encodes to no tokens")
-        return left_pad(prompts, self.pad_id)
+            if ids.dim() != 2 or mask.shape != ids.shape or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"prompt ids must be a [B, P] integer tensor and mask of its shape; got {ids.dtype} "
+                                 f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+            ids, mask = ids.long(), mask.bool()
+            if not len(ids) or not bool(mask.any(-1).all()):
+                raise ValueError("every prompt needs at least one real token (mask row of all zeros)")
+            if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+                raise ValueError("prompts must be left-padded: a mask row has padding after a real token")
+        else:
+            if not len(prompts):
+                raise ValueError("prompts is empty")
+            prompts = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+            if any(len(p) == 0 for p in prompts):
+                raise ValueError("a prompt encodes to no tokens")
+            ids, mask = left_pad(prompts, self.pad_id)
+        vocab = self.policy.get_input_embeddings().num_embeddings
+        real = ids[mask]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (the policy's vocabulary); got "
+                             f"[{int(real.min())}, {int(real.max())}]")
+        positions = getattr(self.policy.config, "max_position_embeddings", None)
+        longest = int(mask.sum(-1).max())
+        if positions is not None and longest + self.config.max_new_tokens > positions:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={self.config.max_new_tokens} exceeds "
+                             f"the policy's {positions} positions (max_position_embeddings): shorten the prompts or "
+                             f"lower max_new_tokens")
+        return ids, mask
 
-    def _rollout(self, prompts):
-        """Sample this rank's sequences. Each sequence draws from its own random
-        stream, keyed by the seed, the iteration and its row in the global
-        batch (ranks hold consecutive rows), so the tokens do not depend on
-        the world size."""
-        ids, mask = self._encode(prompts)
+    def _rollout(self, ids, mask):
+        """Sample this rank's sequences from its prompts ``ids``/``mask``
+        ``[B, P]``. Each sequence draws from its own random stream, keyed by
+        the seed, the iteration and its row in the global batch (ranks hold
+        consecutive rows), so the tokens do not depend on the world size."""
         k = self.config.samples_per_prompt
         ids, mask = ids.repeat_interleave(k, 0).to(self.device), mask.repeat_interleave(k, 0).to(self.device)
         first = self.layout.rank * len(ids)  # every rank passes as many prompts (checked in _gather)
@@ -339,10 +464,7 @@ class RLHFEngine:
                 values = torch.where(resp, token_values(self.critic, seq, attn, pos,
                                                         from_position=rollout.prompt_length), 0.0)
             raw_scores = sequence_scores(self.reward, seq, attn, pos).float()
-            last_values = None
-            if cfg.truncated_response == "bootstrap" and self.critic is not None:
-                last_values = sequence_scores(self.critic, seq, attn, pos).float()
-        scores = ppo.adjust_scores(raw_scores, rollout.finished, last_values, rule=cfg.truncated_response,
+        scores = ppo.adjust_scores(raw_scores, rollout.finished, rule=cfg.truncated_response,
                                    penalty=cfg.truncation_penalty, clip=cfg.score_clip)
         return Experience(**{f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)},
                           old_logprobs=old, ref_logprobs=ref, values=values, raw_scores=raw_scores, scores=scores)
@@ -357,6 +479,8 @@ class RLHFEngine:
             "response/length_mean": exp.response_lengths.float().mean(),
             "response/finished_fraction": exp.finished.float().mean(),
         }
+        if self.config.top_k or self.config.top_p < 1:
+            summary["rollout/filter_kl"] = exp.filter_kl.sum() / resp.sum().clamp(min=1)
         if self.config.old_logprobs == "recompute":
             gap = (exp.sampler_logprobs - old).abs()
             summary["rollout/logprob_gap_mean"] = gap.sum() / resp.sum().clamp(min=1)
@@ -379,13 +503,13 @@ class RLHFEngine:
         cfg = self.config
         mask = exp.response_mask
         exp.rewards = ppo.token_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, kl_coef=self.kl.coef,
-                                        estimator=cfg.kl_estimator, kl_in_reward=cfg.kl_in == "reward")
+                                        estimator=cfg.kl_estimator_used, kl_in_reward=cfg.kl_in == "reward")
         if cfg.advantage_estimator == "gae":
             exp.advantages, exp.returns = ppo.gae_advantages(exp.rewards, exp.values, mask, gamma=cfg.gamma,
                                                              lam=cfg.lam, whiten=cfg.whiten_advantages)
         else:
             exp.advantages, exp.returns = ppo.group_baseline_advantages(exp.rewards.sum(-1), mask,
-                                                                        cfg.samples_per_prompt)
+                                                                        cfg.samples_per_prompt, cfg.group_baseline)
         return exp
 
     # Learn ---------------------------------------------------------------------------
@@ -401,39 +525,40 @@ class RLHFEngine:
                              f"mini-batches of mini_batch_size={cfg.mini_batch_size}, each a multiple of {world}")
         micro = cfg.micro_batch_size or cfg.mini_batch_size // world
         applied = skipped = 0
-        for model in (self.policy, self.critic):
-            if model is not None:
-                model.train()
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
-            for mini_index in order.split(cfg.mini_batch_size):
-                mini = select(exp, mini_index)
-                normalizer = ppo.loss_normalizer(mini.response_mask, cfg.loss_agg)
-                total_loss = torch.zeros((), device=self.device)
-                # The first mini-batch is scored before any update: its log-probs are the
-                # trainer's view of the sampler's (the gap when old_logprobs="rollout").
-                record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
-                mine = select(mini, torch.arange(len(mini_index), device=self.device)[
-                    distributed.rows_of_rank(len(mini_index), self.layout)])
-                ptx = train_policy and ptx_batch is not None and cfg.ptx_coef > 0
-                parts = torch.arange(len(mine.sequences), device=self.device).split(micro)
-                for i, micro_index in enumerate(parts):
-                    # Sharded gradients are reduced over ranks on each model's last backward only.
-                    last = i == len(parts) - 1
-                    distributed.set_gradient_sync(self.policy, last and not ptx)
-                    distributed.set_gradient_sync(self.critic, last)
-                    total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, stats,
-                                                               train_policy, record_gap)
-                if ptx:
-                    total_loss = total_loss + self._ptx_step(ptx_batch, micro, stats)
-                if self._optimizer_step(total_loss, train_policy):
-                    applied += 1
-                else:
-                    skipped += 1
+        updates = cfg.ppo_epochs * math.ceil(batch / cfg.mini_batch_size)
+        # Train as the function that was scored: no dropout (models.modes).
+        with training_without_dropout(self.policy), training_without_dropout(self.critic):
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
+                for mini_index in order.split(cfg.mini_batch_size):
+                    mini = select(exp, mini_index)
+                    normalizer = ppo.loss_normalizer(mini.response_mask, cfg.loss_agg)
+                    total_loss = torch.zeros((), device=self.device)
+                    sums = {}  # this rank's share of each loss the optimizer step minimises
+                    # The first mini-batch is scored before any update: its log-probs are the
+                    # trainer's view of the sampler's (the gap when old_logprobs="rollout").
+                    record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
+                    mine = select(mini, torch.arange(len(mini_index), device=self.device)[
+                        distributed.rows_of_rank(len(mini_index), self.layout)])
+                    ptx = train_policy and ptx_batch is not None
+                    parts = torch.arange(len(mine.sequences), device=self.device).split(micro)
+                    for i, micro_index in enumerate(parts):
+                        # Sharded gradients are reduced over ranks on each model's last backward only.
+                        last = i == len(parts) - 1
+                        distributed.set_gradient_sync(self.policy, last and not ptx)
+                        distributed.set_gradient_sync(self.critic, last)
+                        total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, sums,
+                                                                   stats, train_policy, record_gap)
+                    if ptx:  # this optimizer step's own pretraining rows
+                        rows = torch.arange(applied + skipped, len(ptx_batch[0]), updates)
+                        total_loss = total_loss + self._ptx_step([t[rows] for t in ptx_batch], micro, stats)
+                    for name, share in sums.items():  # over the ranks: the step's loss, once per step
+                        stats.add(name, world * share, 1 / world)
+                    if self._optimizer_step(total_loss, train_policy):
+                        applied += 1
+                    else:
+                        skipped += 1
         self.skipped_updates += skipped
-        for model in (self.policy, self.critic):
-            if model is not None:
-                model.eval()
         metrics = stats.result(reduce=distributed.all_reduce)
         metrics.update({"updates/applied": applied, "updates/skipped": skipped})
         if self.critic is not None:
@@ -441,10 +566,11 @@ class RLHFEngine:
                                                                          exp.response_mask).item()
         return metrics
 
-    def _micro_step(self, part, normalizer, stats, train_policy, record_gap):
+    def _micro_step(self, part, normalizer, sums, stats, train_policy, record_gap):
         """Forward and backward of one micro-batch through the policy and the
         critic (side by side with ``concurrent_models``); returns the
-        (detached) loss."""
+        (detached) loss. Stats with weight None are parts of the mini-batch's
+        losses: summed into ``sums``; the others are token-weighted means."""
         results = self.lanes.run(
             (lambda: self._policy_pass(part, normalizer, record_gap)) if train_policy else None,
             (lambda: self._critic_pass(part, normalizer)) if self.critic is not None else None)
@@ -453,7 +579,10 @@ class RLHFEngine:
             if result is not None:
                 loss = loss + result[0]
                 for name, value, weight in result[1]:
-                    stats.add(name, value, weight)
+                    if weight is None:
+                        sums[name] = sums[name] + value if name in sums else value
+                    else:
+                        stats.add(name, value, weight)
         return loss
 
     def _policy_pass(self, part, normalizer, record_gap):
@@ -469,12 +598,14 @@ class RLHFEngine:
                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                                 dual_clip=cfg.dual_clip, agg=cfg.loss_agg, normalizer=normalizer)
         policy_loss = pg_loss
+        stats = [("policy/loss", pg_loss.detach(), None)]
         if cfg.kl_in == "loss":
-            kl = ops.kl_penalty(logp, part.ref_logprobs, estimator=cfg.kl_estimator)
-            policy_loss = policy_loss + self.kl.coef * ppo.masked_agg(kl, mask, cfg.loss_agg, normalizer)
+            kl = ops.kl_penalty(logp, part.ref_logprobs, estimator=cfg.kl_estimator_used)
+            kl_loss = self.kl.coef * ppo.masked_agg(kl, mask, cfg.loss_agg, normalizer)
+            policy_loss = policy_loss + kl_loss
+            stats.append(("policy/kl_loss", kl_loss.detach(), None))
         policy_loss.backward()
         per_token = tokens.clamp(min=1)
-        stats = [("policy/loss", pg_loss * normalizer / per_token, tokens)]
         stats += [(f"policy/{name}", value, tokens) for name, value in pg_stats.items()]
         stats.append(("policy/entropy", torch.where(mask, entropy.detach(), 0.0).sum() / per_token, tokens))
         if record_gap:
@@ -493,22 +624,25 @@ class RLHFEngine:
         vf_loss, vf_stats = ops.ppo_value_loss(values, part.values, part.returns, mask, clip=cfg.value_clip,
                                                agg=cfg.loss_agg, normalizer=normalizer)
         vf_loss.backward()
-        stats = [("value/loss", vf_loss * normalizer / tokens.clamp(min=1), tokens),
-                 ("value/clipfrac", vf_stats["clipfrac"], tokens)]
+        stats = [("value/loss", vf_loss.detach(), None), ("value/clipfrac", vf_stats["clipfrac"], tokens)]
         return vf_loss.detach(), stats
 
     def _ptx_step(self, ptx_batch, micro, stats):
-        """PPO-ptx: ``ptx_coef`` times the LM loss of the pretraining batch,
-        normalised by its token count (so the micro split does not matter)."""
+        """PPO-ptx: ``ptx_coef`` times the LM loss of one optimizer step's
+        pretraining rows, normalised by their token count (so the micro split
+        does not matter); positions count from each row's first real token,
+        and a token is trained only where a real token precedes it."""
         ids, attn, loss_mask = (t.to(self.device) for t in ptx_batch)
-        normalizer = distributed.all_reduce(loss_mask.bool()[:, 1:].sum().float()).clamp(min=1.0)  # all ranks' tokens
+        positions = positions_from_mask(attn)
+        loss_mask = loss_mask & attn & torch.nn.functional.pad(attn[:, :-1], (1, 0), value=False)
+        normalizer = distributed.all_reduce(loss_mask.sum().float()).clamp(min=1.0)  # all ranks' tokens
         total = torch.zeros((), device=self.device)
         parts = torch.arange(ids.shape[0], device=self.device).split(micro)
         for i, rows in enumerate(parts):
             distributed.set_gradient_sync(self.policy, i == len(parts) - 1)
             with self._autocast():
                 logp = causal_lm_logprobs(self.policy, ids[rows], attn[rows], loss_mask[rows],
-                                          chunk_size=self.config.logprob_chunk_size)
+                                          position_ids=positions[rows], chunk_size=self.config.logprob_chunk_size)
             loss = self.config.ptx_coef * ppo.lm_loss(logp, loss_mask[rows].bool(), normalizer)
             loss.backward()
             total = total + loss.detach()
@@ -607,7 +741,10 @@ class RLHFEngine:
             set_model_state_dict(model, tensors[name])
             set_optimizer_state_dict(model, optimizer, tensors[f"{name}_optim"])
             self.schedulers[name].load_state_dict(objects["schedulers"][name])
-        self.kl.load_state_dict(objects["kl"])
+        changed = self.kl.load_state_dict(objects["kl"])
+        if changed:
+            warnings.warn(f"{path}: the KL controller continues with this config's settings, not the checkpoint's: "
+                          f"{'; '.join(changed)}", stacklevel=2)
         restore_rng(objects["rng"], [self.shuffle_generator])
         self.iteration = objects["iteration"]
         self.skipped_updates = objects["skipped_updates"]

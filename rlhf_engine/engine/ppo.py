@@ -6,22 +6,17 @@ import torch
 from rlhf_engine import ops
 
 
-def adjust_scores(scores, finished, last_values, *, rule, penalty, clip):
+def adjust_scores(scores, finished, *, rule, penalty, clip):
     """Reward-model scores ``[B]`` after the truncated-response rule.
 
-    ``finished`` ``[B]`` bool (ended with EOS); ``last_values`` ``[B]`` the
-    critic's value of the state after the last sampled token (used by
-    ``rule="bootstrap"``, may be None otherwise). ``rule``: "as_is",
-    "penalty" (score replaced by ``penalty``) or "bootstrap" (the value added:
-    the return the truncated episode would have had). ``clip``: None or a
-    bound on ``|score|`` applied first."""
+    ``finished`` ``[B]`` bool (ended with EOS). ``rule``: "as_is" or
+    "penalty" (the score of a cut response replaced by ``penalty``).
+    ``clip``: None or a bound on ``|score|`` applied first."""
     scores = scores.float()
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     if rule == "penalty":
         scores = torch.where(finished, scores, torch.full_like(scores, penalty))
-    elif rule == "bootstrap":
-        scores = torch.where(finished, scores, scores + last_values.float())
     return scores
 
 
@@ -43,12 +38,26 @@ def gae_advantages(rewards, values, mask, *, gamma, lam, whiten):
     return advantages, returns
 
 
-def group_baseline_advantages(scores, mask, group_size):
-    """``(advantages, returns)`` ``[B, T]`` from group baselines: each
-    sequence's score relative to the other samples of its prompt (rows
-    ``g * group_size ... (g + 1) * group_size - 1`` share a prompt), given to
-    every response token. There is no critic, so ``returns`` is the same."""
-    per_sequence = ops.group_advantages(scores, group_size)
+def group_baselines(scores, group_size, rule):
+    """``[N]`` per-sequence advantages of scores laid out as consecutive
+    groups of ``group_size`` samples of one prompt. ``rule``:
+
+    - ``"group"`` (GRPO): ``(score - group mean) / (group std + eps)``;
+    - ``"dr_grpo"`` (Dr. GRPO): ``score - group mean`` (no std division,
+      which would weight easy and hard prompts differently);
+    - ``"rloo"`` (REINFORCE leave-one-out): ``score - mean of the group's
+      other samples`` ``= (score - group mean) * k / (k - 1)``."""
+    centred = ops.group_advantages(scores, group_size, normalize_std=rule == "group")
+    return centred * (group_size / (group_size - 1)) if rule == "rloo" else centred
+
+
+def group_baseline_advantages(scores, mask, group_size, rule="group"):
+    """``(advantages, returns)`` ``[B, T]`` from group baselines
+    (:func:`group_baselines`): each sequence's score relative to the other
+    samples of its prompt (rows ``g * group_size ... (g + 1) * group_size -
+    1`` share a prompt), given to every response token. There is no critic,
+    so ``returns`` is the same."""
+    per_sequence = group_baselines(scores, group_size, rule)
     advantages = torch.where(mask, per_sequence[:, None], 0.0)
     return advantages, advantages
 

@@ -16,7 +16,11 @@ which dominates a CPU decode step once the vocabulary is large.
 ``log_softmax(logits / temperature)[token]``: what the trainer's
 ``causal_lm_logprobs(..., temperature=temperature)`` computes for the same
 tokens (top-k/top-p only decide which tokens may be drawn). Greedy decoding
-(``temperature == 0``) reports temperature-1 log-probs.
+(``temperature == 0``) reports temperature-1 log-probs. With top-k/top-p the
+tokens come from the filtered distribution, not the one PPO trains; the gap
+is measured per token as ``filter_kl``, KL(filtered || unfiltered) = -log of
+the probability mass the filter kept (the engine reports its mean as
+``rollout/filter_kl``).
 
 Choices measured on the CPU (float32 Llama models, batch 8, 16-token prompts,
 32 new tokens; benchmarks/engine/bench_rollout.py compares the whole sampler
@@ -173,7 +177,8 @@ def _check(model, prompt_ids, prompt_mask, params, generator):
 
 def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
     """The decode loop. Returns ``tokens`` ``[B, R]`` int64 (pad after EOS),
-    ``logprobs`` ``[B, R]`` float32 (0 after EOS), ``alive`` ``[B, R]`` bool
+    ``logprobs`` and ``filter_kl`` ``[B, R]`` float32 (0 after EOS; see
+    :func:`next_token`), ``alive`` ``[B, R]`` bool
     (the response tokens, EOS included) and ``finished`` ``[B]`` bool."""
     batch, prompt_len = prompt_ids.shape
     steps, pad, eos = params.max_new_tokens, params.pad_token_id, params.eos_token_id
@@ -183,6 +188,7 @@ def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
     mask[:, :prompt_len] = prompt_mask
     tokens = torch.full((batch, steps), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+    filter_kl = torch.zeros(batch, steps, dtype=torch.float32, device=device)
     alive = torch.ones(batch, steps, dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = decode_cache(model, prompt_len + steps)
@@ -195,14 +201,16 @@ def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
         positions = positions[:, -1:].clone()
         taken = steps
         for t in range(steps):
-            token, logp = next_token(logits, params, generator, None if uniforms is None else uniforms[:, t:t + 1])
+            token, logp, kl = next_token(logits, params, generator, None if uniforms is None else uniforms[:, t:t + 1])
             if stop:
                 alive[:, t] = ~finished
                 token = token.masked_fill(finished, pad)
                 logp = logp.masked_fill(finished, 0.0)
+                kl = kl.masked_fill(finished, 0.0)
                 finished |= token == eos
             tokens[:, t] = token
             logprobs[:, t] = logp
+            filter_kl[:, t] = kl
             if t + 1 == steps or (stop and finished.all().item()):
                 taken = t + 1
                 break
@@ -214,27 +222,33 @@ def _decode(model, prompt_ids, prompt_mask, params, generator, uniforms):
                            position_ids=positions, past_key_values=cache, use_cache=True, **extra).logits[:, -1]
     if not stop and eos is not None:
         finished = tokens[:, taken - 1] == eos
-    return tokens[:, :taken], logprobs[:, :taken], alive[:, :taken], finished
+    return tokens[:, :taken], logprobs[:, :taken], filter_kl[:, :taken], alive[:, :taken], finished
 
 
 def next_token(logits, params, generator=None, u=None):
-    """One decode step's draw from ``[B, V]`` logits: ``(token, logp)``, both
-    ``[B]`` (int64, float32), ``logp`` from the unfiltered tempered
-    distribution (temperature 1 when greedy). ``u``: the ``[B, 1]`` uniform
-    numbers to draw with (default: from ``generator``)."""
+    """One decode step's draw from ``[B, V]`` logits: ``(token, logp,
+    filter_kl)``, each ``[B]`` (int64, float32, float32). ``logp`` is from
+    the unfiltered tempered distribution (temperature 1 when greedy);
+    ``filter_kl`` is KL(filtered || unfiltered) of the step, ``-log`` of the
+    probability mass top-k/top-p kept (0 without filtering): how far the
+    distribution the token was drawn from is from the one PPO trains.
+    ``u``: the ``[B, 1]`` uniform numbers to draw with (default: from
+    ``generator``)."""
     logits = logits.float()
+    none = logits.new_zeros(logits.shape[0])
     if params.temperature == 0:
         token = logits.argmax(-1)
-        return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1), none
     scaled = logits / params.temperature if params.temperature != 1 else logits
     logp = scaled.log_softmax(-1)
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab or params.top_p < 1:
         allowed, ids = _candidates(scaled, params.top_k, params.top_p)
         token = ids.gather(-1, _inverse_cdf(allowed.softmax(-1), generator, u))
+        filter_kl = (scaled.logsumexp(-1) - allowed.logsumexp(-1)).clamp(min=0)
     else:
-        token = _inverse_cdf(logp.exp(), generator, u)
-    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
+        token, filter_kl = _inverse_cdf(logp.exp(), generator, u), none
+    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1), filter_kl
 
 
 def _candidates(scaled, top_k, top_p):
@@ -296,7 +310,7 @@ def mix_seed(*values):
     return state >> 1
 
 
-def _assemble(prompt_ids, prompt_mask, tokens, logprobs, alive, finished):
+def _assemble(prompt_ids, prompt_mask, tokens, logprobs, filter_kl, alive, finished):
     """The :class:`Rollout` of a decoded batch, built outside inference mode:
     new tensors (torch.cat, clone), not inference tensors, so autograd may
     save them (an embedding lookup of ``sequences`` does)."""
@@ -307,6 +321,7 @@ def _assemble(prompt_ids, prompt_mask, tokens, logprobs, alive, finished):
         attention_mask=torch.cat([prompt_mask, alive], dim=1),
         response_mask=torch.cat([no_response, alive], dim=1),
         sampler_logprobs=torch.cat([no_response.float(), logprobs], dim=1),
+        filter_kl=torch.cat([no_response.float(), filter_kl], dim=1),
         finished=finished.clone(),
         prompt_length=prompt_len,
     )

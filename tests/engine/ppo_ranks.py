@@ -42,10 +42,11 @@ GROUP_PTX = dict(advantage_estimator="group", samples_per_prompt=2, mini_batch_s
 
 
 def ptx_batch(layout):
-    """This rank's rows of a fixed global [4, 10] PPO-ptx batch."""
-    ids = torch.arange(40).reshape(4, 10) % (VOCAB - 3) + 3
+    """This rank's rows of a fixed global [8, 10] PPO-ptx batch (each rank's share holds a row for each of
+    the iteration's 4 optimizer steps)."""
+    ids = torch.arange(80).reshape(8, 10) % (VOCAB - 3) + 3
     mask = torch.ones_like(ids, dtype=torch.bool)
-    rows = distributed.rows_of_rank(4, layout)
+    rows = distributed.rows_of_rank(8, layout)
     return ids[rows], mask[rows], mask[rows]
 
 

@@ -237,7 +237,7 @@ def allowed_set(logits, temperature, top_k, top_p, slack=0.0):
 def test_top_k_top_p_stay_in_the_allowed_set(gen, top_k, top_p):
     logits = torch.randn(4000, 40, generator=gen) * 3
     sp = params(temperature=0.9, top_k=top_k, top_p=top_p)
-    tokens, logp = next_token(logits, sp, gen)
+    tokens, logp, _ = next_token(logits, sp, gen)
     allowed = allowed_set(logits, 0.9, top_k, top_p, slack=1e-5)
     assert allowed.gather(-1, tokens[:, None]).all()
     # The log-probs are the unfiltered tempered ones.
@@ -268,7 +268,7 @@ def assert_frequencies(tokens, probs):
                                                      (1.5, 5, 0.8)])
 def test_sampled_frequencies(temperature, top_k, top_p):
     logits = FREQ_LOGITS.expand(200_000, -1)
-    tokens, _ = next_token(logits, params(temperature=temperature, top_k=top_k, top_p=top_p), seeded(7))
+    tokens, _, _ = next_token(logits, params(temperature=temperature, top_k=top_k, top_p=top_p), seeded(7))
     assert_frequencies(tokens, expected_probs(temperature, top_k, top_p))
 
 
