@@ -44,13 +44,16 @@ class Command:
     """A command whose options are dataclasses: ``types()`` (RunOptions
     first); ``handler()`` returns ``run(run, *configs) -> result``, where
     ``configs`` are the parsed options after RunOptions, or the one object
-    ``prepare()(*options)`` makes of them. ``defaults`` and ``presets()``:
-    see :func:`rlhf_engine.pipeline.config.parse_command`."""
+    ``prepare()(*options)`` makes of them. ``check()(*options)`` raises
+    ValueError for options that are each valid but do not go together
+    (exit 2 before the run folder opens or any model loads). ``defaults``
+    and ``presets()``: see :func:`rlhf_engine.pipeline.config.parse_command`."""
 
     help: str
     types: Callable[[], tuple]
     handler: Callable[[], Callable]
     prepare: Optional[Callable[[], Callable]] = None
+    check: Optional[Callable[[], Callable]] = None
     defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)
     presets: Callable[[], Mapping[str, Tuple[str, Mapping]]] = dict
     device_option: str = "device"  # the option naming the device the command runs on
@@ -111,9 +114,11 @@ COMMANDS: Dict[str, Command] = {
     "sft": Command("Supervised fine-tuning on demonstrations.", _sft_types,
                    _handler("rlhf_engine.pipeline.run", "run_sft_command")),
     "rm": Command("Reward model from comparisons and rankings.", _rm_types,
-                  _handler("rlhf_engine.pipeline.run", "run_rm_command")),
+                  _handler("rlhf_engine.pipeline.run", "run_rm_command"),
+                  check=_handler("rlhf_engine.pipeline.run", "check_rm_options")),
     "ppo": Command("PPO of an SFT model against a reward model.", _ppo_types,
-                   _handler("rlhf_engine.pipeline.ppo_stage", "run_ppo_command")),
+                   _handler("rlhf_engine.pipeline.ppo_stage", "run_ppo_command"),
+                   check=_handler("rlhf_engine.pipeline.ppo_stage", "check_ppo_options")),
     "pipeline": Command("The built-in task end to end (SFT -> RM -> PPO -> evaluation -> report); no download.",
                         _pipeline_types, _handler("rlhf_engine.pipeline.builtin", "run_pipeline"),
                         prepare=_handler("rlhf_engine.pipeline.builtin", "stage_configs"),
@@ -168,6 +173,8 @@ def run_command(name: str, argv) -> int:
         (run_options, *options), resolved = parse_command(
             command.types(), argv, prog=f"rlhf-engine {name}", description=command.help,
             command_defaults=command.defaults, presets=command.presets())
+        if command.check:
+            command.check()(*options)
         configs = (command.prepare()(*options),) if command.prepare else tuple(options)
     except ValueError as exc:
         return _error(name, str(exc))

@@ -7,11 +7,14 @@ run end to end on a laptop CPU, the InstructGPT recipe in miniature.
 2. a byte-level tokenizer of the task's template words (the task's letters
    and digits stay one token each) and a small Llama built locally;
 3. **SFT** on the demonstrations;
-4. **reward model** from the SFT model, on the rankings;
+4. **reward model** from the SFT model, on the rankings, its scores shifted
+   so that the demonstrations the SFT stage held out score 0 on average;
 5. **PPO** against the reward model with a per-token KL penalty to the SFT
-   model, the critic initialised from the reward model;
-6. a second, short **PPO without the KL penalty** (kl_coef 0) from the SFT
-   model, to show over-optimisation;
+   model, the critic initialised from the reward model (with
+   ``--ppo_ptx_coef > 0``, PPO-ptx on the SFT stage's training
+   demonstrations);
+6. a second, short **PPO without the KL penalty** (kl_coef 0; PPO-ptx as
+   in 5.) from the SFT model, to show over-optimisation;
 7. **evaluation**: the gold judge's win rate of PPO over SFT on the held-out
    prompts (one sample each, at the PPO sampling temperature), and the KL of
    the PPO policy to the SFT model there;
@@ -37,11 +40,11 @@ from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
-from rlhf_engine.pipeline import report, task
+from rlhf_engine.pipeline import batching, report, task
 from rlhf_engine.pipeline.config import prefixed, unprefixed
 from rlhf_engine.pipeline.data import PLAIN_SEPARATOR, Comparison, encode_prompt, read_jsonl, write_jsonl
 from rlhf_engine.pipeline.evaluate import generate_responses, judge_gold, judge_reward_model, win_rate
-from rlhf_engine.pipeline.ppo_stage import PolicyProbe, PPOStageConfig, train_ppo
+from rlhf_engine.pipeline.ppo_stage import PolicyProbe, PPOStageConfig, check_ptx_options, encode_ptx, train_ppo
 from rlhf_engine.pipeline.reward import RMConfig, train_reward_model
 from rlhf_engine.pipeline.run import Run, load_causal_lm, load_reward_model, process_seconds, train_stage
 from rlhf_engine.pipeline.sft import SFTConfig, train_sft
@@ -139,9 +142,15 @@ class StageConfigs:
 
 def stage_configs(task_config: TaskConfig, sft, rm, ppo, engine) -> StageConfigs:
     """The stages' configs from the parsed options (:data:`OPTION_TYPES`
-    instances); raises ValueError naming a bad option."""
-    return StageConfigs(task_config, unprefixed(sft, SFTConfig, "sft_"), unprefixed(rm, RMConfig, "rm_"),
-                        unprefixed(ppo, PPOStageConfig, "ppo_"), unprefixed(engine, EngineConfig, "ppo_"))
+    instances); raises ValueError naming a bad option (or PPO-ptx options
+    with ``ppo_ptx_coef`` 0: its data, the demonstrations, is always there)."""
+    configs = StageConfigs(task_config, unprefixed(sft, SFTConfig, "sft_"), unprefixed(rm, RMConfig, "rm_"),
+                           unprefixed(ppo, PPOStageConfig, "ppo_"), unprefixed(engine, EngineConfig, "ppo_"))
+    check_ptx_options(configs.engine.ptx_coef, configs.engine.ptx_coef > 0, configs.ppo, prefix="ppo_")
+    if configs.rm.normalize_rewards and not configs.sft.eval_fraction:
+        raise ValueError("--rm_normalize_rewards (on by default) scores the SFT stage's held-out demonstrations: "
+                         "set --sft_eval_fraction > 0, or --rm_normalize_rewards false")
+    return configs
 
 
 # -- data and models ------------------------------------------------------------------
@@ -210,8 +219,11 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
     sft_model = _load_lm(run.model_dir("sft"))
 
     reward_model = reward_model_from_causal_lm(sft_model, seed=cfg.model_seed)
-    rm_result = train_stage(run, "rm", reward_model, tokenizer, train_reward_model, data["rankings"],
-                            data["rm_eval"], configs.rm, postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
+    # rewards normalised on the demonstrations the SFT stage held out (train_sft's own split)
+    held_out = batching.split_eval(data["demonstrations"], configs.sft.eval_fraction, configs.sft.seed)[1]
+    train_rm = functools.partial(train_reward_model, demonstrations=held_out)
+    rm_result = train_stage(run, "rm", reward_model, tokenizer, train_rm, data["rankings"], data["rm_eval"],
+                            configs.rm, postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
     reward_model = load_reward_model(str(run.model_dir("rm")))
 
     judge_rm = functools.partial(judge_reward_model, reward_model, tokenizer, batch_size=cfg.eval_batch_size)
@@ -220,11 +232,17 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
                         sft_model, max_new_tokens=engine_cfg.max_new_tokens, temperature=engine_cfg.temperature,
                         seed=cfg.data_seed, batch_size=cfg.eval_batch_size)
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in data["prompts"]]
-    ppo_result = _ppo(run, "ppo", sft_model, reward_model, tokenizer, engine_cfg, configs.ppo, prompt_ids, probe)
+    ptx_rows = None
+    if engine_cfg.ptx_coef > 0:  # PPO-ptx on the SFT stage's training demonstrations, encoded as it encodes them
+        sft_train = batching.split_eval(data["demonstrations"], configs.sft.eval_fraction, configs.sft.seed)[0]
+        ptx_rows, length_report = encode_ptx(tokenizer, sft_train, configs.sft.max_length, configs.sft.length_policy)
+        run.log(f"PPO-ptx: the SFT stage's {len(ptx_rows)} training demonstrations ({length_report})")
+    ppo_result = _ppo(run, "ppo", sft_model, reward_model, tokenizer, engine_cfg, configs.ppo, prompt_ids, probe,
+                      ptx_rows)
     if cfg.nokl_iterations:
         nokl_cfg = dataclasses.replace(engine_cfg, kl_coef=0.0, kl_target=None, lr=cfg.nokl_lr)
         _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_cfg,
-             dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe)
+             dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe, ptx_rows)
 
     evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, _placed(sft_model, run.device),
                                   _load_lm(run.model_dir("ppo")).to(run.device),
@@ -250,15 +268,16 @@ def _placed(model, device):
     return model if distributed.is_sharded(model) else model.to(device)
 
 
-def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe):
+def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe, ptx_rows=None):
     """One PPO stage from the SFT model (policy = a trainable copy, reference
-    = the SFT model itself, critic from the reward model)."""
+    = the SFT model itself, critic from the reward model); ``ptx_rows``: the
+    PPO-ptx rows when ``engine_cfg.ptx_coef > 0``."""
     done = run.skip_if_done(stage)
     if done is not None:
         return done
     policy = _load_lm(run.model_dir("sft"))
     engine = RLHFEngine(policy, tokenizer, engine_cfg, reward_model=reward_model, ref_model=sft_model)
-    return train_ppo(run, stage, engine, prompt_ids, stage_cfg, probe=probe)
+    return train_ppo(run, stage, engine, prompt_ids, stage_cfg, probe=probe, ptx_rows=ptx_rows)
 
 
 def evaluate_builtin(run: Run, cfg: TaskConfig, engine_cfg: EngineConfig, tokenizer, sft_model, ppo_model,

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser
 
+from rlhf_engine.pipeline.data import LENGTH_POLICIES
 from rlhf_engine.pipeline.training import option
 
 CONFIG_FILE = "config.json"
@@ -80,6 +81,8 @@ class RMData:
     eval_comparisons: str = option("", "Held-out comparisons JSONL (with or instead of eval_rankings; default: "
                                        "eval_fraction of the training records).")
     eval_rankings: str = option("", "Held-out rankings JSONL.")
+    demonstrations: str = option("", "Held-out demonstrations JSONL (e.g. the SFT stage's eval_file), scored after "
+                                     "training to normalise the rewards (see normalize_rewards).")
     model_seed: int = option(0, "Seed of the new scalar head's initialisation.")
     device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
@@ -101,9 +104,22 @@ class PPOData:
     eval_prompts: str = option("", "Prompts JSONL on which the policy is probed (reward-model score, KL to the "
                                    "reference) every eval_every iterations (default: no probe).")
     gold_judge: bool = option(False, "Also probe with the built-in task's gold judge (for its prompts only).")
+    ptx_data: str = option("", "PPO-ptx data, required when --ptx_coef > 0 and refused otherwise: demonstrations "
+                               "JSONL ({\"prompt\": ..., \"response\": ...} per line, the sft command's format; "
+                               "plain text is not accepted), encoded as the sft stage encodes them, the language-"
+                               "modelling loss on the response tokens.")
+    ptx_max_length: int = option(128, "PPO-ptx: most tokens of prompt + response per demonstration (as sft's "
+                                      "--max_length).")
+    ptx_length_policy: str = option("truncate", "PPO-ptx: demonstrations longer than ptx_max_length: 'truncate' "
+                                                "or 'drop' (as sft's --length_policy).")
 
     def __post_init__(self):
         _required(self, "policy", "reward_model", "prompts")
+        if isinstance(self.ptx_max_length, bool) or not isinstance(self.ptx_max_length, int) or \
+                self.ptx_max_length < 2:
+            raise ValueError(f"ptx_max_length must be an int >= 2, got {self.ptx_max_length!r}")
+        if self.ptx_length_policy not in LENGTH_POLICIES:
+            raise ValueError(f"ptx_length_policy must be one of {LENGTH_POLICIES}, got {self.ptx_length_policy!r}")
 
 
 @dataclasses.dataclass

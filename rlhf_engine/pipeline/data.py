@@ -35,11 +35,7 @@ import os
 import tempfile
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
-# The plain prompt format of a tokenizer without a chat template:
-# ``<bos>{prompt}\nAnswer:\n`` then the response, then ``<eos>``. The
-# separator ends with a newline so that BPE tokenizers do not glue a
-# trailing space onto the response's first word.
-PLAIN_SEPARATOR = "\nAnswer:\n"
+from rlhf_engine.models.prompts import PLAIN_SEPARATOR, encode_prompt  # noqa: F401 (the prompt format)
 
 LENGTH_POLICIES = ("truncate", "drop")
 
@@ -247,24 +243,6 @@ def expand_ranking(ranking: Ranking) -> List[Comparison]:
 
 
 # -- tokenisation -------------------------------------------------------------
-
-def encode_prompt(tokenizer, prompt: str) -> List[int]:
-    """Token ids of ``prompt`` as the model sees it before its response.
-
-    With a chat template (``tokenizer.chat_template`` set): the template
-    applied to one user message with the generation prompt (the template adds
-    its own special tokens). Without: the plain format ``<bos>`` (when the
-    tokenizer has one) + ``prompt`` + :data:`PLAIN_SEPARATOR`.
-    """
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + list(tokenizer(prompt + PLAIN_SEPARATOR, add_special_tokens=False)["input_ids"])
-
 
 def _encode_response(tokenizer, response: str) -> List[int]:
     if tokenizer.eos_token_id is None:

@@ -6,6 +6,13 @@ better): :func:`judge_gold` (the built-in task's gold scorer) or a reward
 model through :func:`judge_reward_model` (bind its model and tokenizer with
 ``functools.partial``).
 
+Sampled responses are :class:`SampledResponse` s: their text, carrying
+the token ids the policy sampled. A reward-model judge that shares the
+policy's tokenizer scores those ids, as the engine scores a rollout in PPO
+(so a probe's ``probe/reward`` is the reward PPO trains on); any other
+response, or a judge with another tokenizer, gets the text encoded as in
+training.
+
 Under torch.distributed the batches are spread over the ranks
 (:func:`map_batches`) and every rank gets every result; each batch is
 sampled with its own seed, so the responses do not depend on the world
@@ -14,16 +21,17 @@ size.
 import math
 import random
 import statistics
-from typing import Callable, List, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from rlhf_engine import distributed
 from rlhf_engine.engine.engine import left_pad
 from rlhf_engine.engine.rollout import SamplingParams, sample
-from rlhf_engine.models.scalar_heads import sequence_scores
-from rlhf_engine.pipeline import batching, task
+from rlhf_engine.pipeline import task
 from rlhf_engine.pipeline.data import encode_pair, encode_prompt
+from rlhf_engine.pipeline.reward import score_rows
+from rlhf_engine.pipeline.vocab import tokenizer_key
 
 Judge = Callable[[Sequence[str], Sequence[str]], List[float]]
 
@@ -68,18 +76,42 @@ def map_batches(fn: Callable[[Sequence, int], list], items: Sequence, batch_size
     return [result for i in range(len(batches)) for result in gathered[i]]
 
 
-def decode_responses(tokenizer, rollout) -> List[str]:
-    """The response of each row of a :class:`~rlhf_engine.engine.rollout.Rollout`
-    as text: its tokens before the first EOS (all of them when it has none),
-    decoded without special tokens."""
-    texts = []
-    for row, keep in zip(rollout.sequences[:, rollout.prompt_length:].tolist(),
-                         rollout.response_mask[:, rollout.prompt_length:].tolist()):
+class SampledResponse(str):
+    """A sampled response's text that also carries what was sampled:
+    ``prompt_ids`` (the prompt's real tokens), ``response_ids`` (the
+    tokens of the rollout's response mask, as the engine scores them: EOS
+    only where the sampler produced it) and ``tokenizer_key`` (the
+    policy tokenizer's :func:`~rlhf_engine.pipeline.vocab.tokenizer_key`).
+    Anything that takes text takes it."""
+
+    def __new__(cls, text: str, prompt_ids: Sequence[int] = (), response_ids: Sequence[int] = (),
+                tokenizer_key: Optional[str] = None):
+        self = super().__new__(cls, text)
+        self.prompt_ids, self.response_ids = tuple(prompt_ids), tuple(response_ids)
+        self.tokenizer_key = tokenizer_key
+        return self
+
+    def __reduce__(self):  # pickled whole (gathered over the ranks)
+        return type(self), (str(self), self.prompt_ids, self.response_ids, self.tokenizer_key)
+
+
+def decode_responses(tokenizer, rollout) -> List[SampledResponse]:
+    """The response of each row of a :class:`~rlhf_engine.engine.rollout.Rollout`:
+    as text, its tokens before the first EOS (all of them when it has none)
+    decoded without special tokens; as a :class:`SampledResponse`, the
+    row's tokens themselves."""
+    key = tokenizer_key(tokenizer)
+    prompt = slice(None, rollout.prompt_length)
+    response = slice(rollout.prompt_length, None)
+    responses = []
+    for prompt_row, prompt_keep, row, keep in zip(
+            rollout.sequences[:, prompt].tolist(), rollout.attention_mask[:, prompt].tolist(),
+            rollout.sequences[:, response].tolist(), rollout.response_mask[:, response].tolist()):
         tokens = [t for t, k in zip(row, keep) if k]
-        if tokenizer.eos_token_id in tokens:
-            tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
+        text = tokens[:tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+        responses.append(SampledResponse(tokenizer.decode(text, skip_special_tokens=True),
+                                         [t for t, k in zip(prompt_row, prompt_keep) if k], tokens, key))
+    return responses
 
 
 def sample_prompts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, seed: int):
@@ -94,7 +126,7 @@ def sample_prompts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 1.0,
                        seed: int = 0, batch_size: int = 32) -> List[str]:
-    """One sampled response per prompt, as text (:func:`decode_responses`).
+    """One sampled response per prompt (:func:`decode_responses`: its text, carrying its tokens).
 
     Prompts are encoded with :func:`~rlhf_engine.pipeline.data.encode_prompt`
     and sampled ``batch_size`` at a time by
@@ -125,24 +157,33 @@ def judge_gold(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
 
 def judge_reward_model(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
                        batch_size: int = 32) -> List[float]:
-    """The reward model's score of each (prompt, response), encoded as in
-    training (:func:`~rlhf_engine.pipeline.data.encode_pair`: the response
-    ends with EOS) and right-padded, ``batch_size`` rows at a time
-    (spread over the ranks by :func:`map_batches`)."""
+    """The reward model's score of each (prompt, response), laid out as the
+    engine scores a rollout (:func:`~rlhf_engine.pipeline.reward.score_rows`),
+    ``batch_size`` rows at a time (spread over the ranks by
+    :func:`map_batches`).
+
+    A :class:`SampledResponse` of a policy whose tokenizer gives the same
+    ids as ``tokenizer`` is scored on the tokens the policy sampled (a
+    response cut at ``max_new_tokens`` has no EOS): the score PPO trains
+    on. Any other response is encoded as in training
+    (:func:`~rlhf_engine.pipeline.data.encode_pair`: the response ends with
+    EOS).
+    """
     _check_pairs(prompts, responses)
     _check_batch_size(batch_size)
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    key = tokenizer_key(tokenizer)
+    rows = [(r.prompt_ids, r.response_ids) if isinstance(r, SampledResponse) and r.tokenizer_key == key
+            else encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
 
-    def scores(pairs, _):
-        batch = batching.pad_rows([encode_pair(tokenizer, p, r) for p, r in pairs], pad_id).to(device)
-        return sequence_scores(model, batch.input_ids, batch.attention_mask).tolist()
+    def scores(batch, _):
+        return score_rows(model, batch, pad_id).tolist()
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), distributed.unsharded(model):
-            return map_batches(scores, list(zip(prompts, responses)), batch_size)
+            return map_batches(scores, rows, batch_size)
     finally:
         model.train(was_training)
 

@@ -10,9 +10,22 @@ prompts depend only on the seed and the iteration number: a checkpoint
 stores the position in that stream (``engine.save(..., extra=...)``) and a
 resumed run draws exactly the prompts the uninterrupted run would have.
 
+PPO-ptx (``EngineConfig.ptx_coef > 0``) mixes the language-modelling loss
+of SFT demonstrations, encoded as the SFT stage encodes them (loss on the
+response tokens), into every policy update. Its rows come from a stream of
+their own (seeded permutations, like the prompts'): iteration ``i`` takes
+the ``n x r`` rows at position ``i x n x r``, ``n`` the iteration's optimizer
+steps (:meth:`~rlhf_engine.engine.RLHFEngine.updates_per_iteration`) and
+``r`` = ``ptx_rows_per_step``, and optimizer step ``j`` trains on its own
+``r`` of them (:func:`ptx_batches`), so a resumed run continues the stream
+exactly too.
+
 Every ``eval_every`` iterations a :class:`PolicyProbe` samples the policy on
 fixed prompts and records what its judges think (the reward model, the
-built-in task's gold judge) and the KL to the reference.
+built-in task's gold judge) and the KL to the reference, with the models
+it uses on the compute device (the engine's ``score`` placement: after a
+step with ``offload=True`` the reference and the reward model wait on the
+host).
 
 Under torch.distributed the engine shards its models over the ranks and
 each rank passes its share of every iteration's prompts
@@ -25,20 +38,23 @@ import itertools
 import math
 import statistics
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from rlhf_engine import distributed
 from rlhf_engine.engine import RLHFEngine
 from rlhf_engine.engine.checkpoint import latest_checkpoint
-from rlhf_engine.engine.rollout import SamplingParams
+from rlhf_engine.engine.rollout import SamplingParams, mix_seed
 from rlhf_engine.models import causal_lm_logprobs
-from rlhf_engine.pipeline.data import encode_prompt, read_jsonl
+from rlhf_engine.pipeline import batching
+from rlhf_engine.pipeline.data import (Demonstration, LengthReport, encode_prompt, encode_record, fit_examples,
+                                       read_jsonl)
 from rlhf_engine.pipeline.evaluate import (Judge, decode_responses, judge_gold, judge_reward_model, map_batches,
                                            sample_prompts)
 from rlhf_engine.pipeline.report import read_metrics
-from rlhf_engine.pipeline.run import Interrupted, Run, UsageError, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_engine.pipeline.run import (Interrupted, Run, UsageError, check_same_tokenizer, load_causal_lm,
+                                      load_reward_model, load_tokenizer)
 from rlhf_engine.pipeline.training import global_sums, option
 
 
@@ -51,10 +67,13 @@ class PPOStageConfig:
     save_every: int = option(50, "Write a resumable checkpoint every this many iterations (0: only on Ctrl-C).")
     eval_every: int = option(10, "Probe the policy on the evaluation prompts every this many iterations and after "
                                  "the last (0: never).")
+    ptx_rows_per_step: int = option(0, "PPO-ptx (ptx_coef > 0): demonstrations per optimizer step, each step its "
+                                       "own (0: the engine's mini_batch_size); an iteration draws ppo_epochs x "
+                                       "mini-batches x this many from a seeded stream.")
 
     def __post_init__(self):
         for name, minimum in (("prompts_per_iteration", 1), ("iterations", 0), ("save_every", 0),
-                              ("eval_every", 0)):
+                              ("eval_every", 0), ("ptx_rows_per_step", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -77,6 +96,105 @@ def prompt_batches(num_prompts: int, batch_size: int, seed: int, start: int = 0)
     while True:
         yield list(itertools.islice(stream, batch_size))
 
+
+# PPO-ptx ----------------------------------------------------------------------------------
+
+Row = Tuple[List[int], List[int]]  # (prompt_ids, response_ids), as batching.Row
+PTX_STREAM = 0x707478  # "ptx": the PPO-ptx row stream's seed is mix_seed(engine seed, PTX_STREAM)
+
+
+def encode_ptx(tokenizer, demonstrations: Sequence[Demonstration], max_length: int,
+               length_policy: str) -> Tuple[List[Row], LengthReport]:
+    """PPO-ptx rows ``(prompt_ids, response_ids)`` of demonstrations, encoded
+    exactly as the SFT stage encodes its examples (the prompt format, the
+    response ended by EOS, the length policy), and what the length policy did.
+
+    Raises:
+        ValueError: a record is not a Demonstration, or the policy drops them all.
+    """
+    for i, record in enumerate(demonstrations):
+        if not isinstance(record, Demonstration):
+            raise ValueError(f"ptx data[{i}] must be a Demonstration, got {type(record).__name__}")
+    examples, report = fit_examples([encode_record(tokenizer, d) for d in demonstrations], max_length,
+                                    length_policy)
+    if not examples:
+        raise ValueError(f"ptx data: all {len(demonstrations)} demonstrations are longer than "
+                         f"max_length={max_length} (length_policy='drop')")
+    return [(e.prompt_ids, e.responses[0]) for e in examples], report
+
+
+def ptx_batches(rows: Sequence[Row], pad_id: int, *, updates: int, rows_per_step: int, seed: int,
+                where: Optional[distributed.Layout] = None,
+                start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Endless PPO-ptx batches for :meth:`~rlhf_engine.engine.RLHFEngine.step`,
+    one per iteration from iteration ``start`` on.
+
+    Iteration ``i`` reads ``updates x rows_per_step`` row indices at position
+    ``i x updates x rows_per_step`` of :func:`prompt_batches`' stream over
+    ``rows`` seeded with ``mix_seed(seed, PTX_STREAM)``; optimizer step ``j``
+    gets the ``j``-th ``rows_per_step`` of them. Under torch.distributed
+    (``where``, default: this process's layout) each rank passes its share
+    (:func:`~rlhf_engine.distributed.rows_of_rank`) of every step's rows, so
+    a step trains on the same rows at any world size.
+
+    Yields:
+        ``(ids [M, L] int64, attention_mask [M, L] int64, loss_mask [M, L]
+        bool)``, right-padded, ``M = updates x rows_per_step / world size``;
+        the loss mask marks the response tokens. Row ``k x updates + j`` is
+        step ``j``'s ``k``-th, as the engine reads them (step ``j`` of
+        ``updates`` takes rows ``j::updates``).
+    """
+    if not rows:
+        raise ValueError("rows is empty")
+    for name, value in (("updates", updates), ("rows_per_step", rows_per_step), ("start", start)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
+            raise ValueError(f"{name} must be an int >= {0 if name == 'start' else 1}, got {value!r}")
+    share = distributed.rows_of_rank(rows_per_step, where or distributed.layout())
+    per_iteration = updates * rows_per_step
+    stream = prompt_batches(len(rows), per_iteration, mix_seed(seed, PTX_STREAM), start=start * per_iteration)
+    for indices in stream:
+        steps = [indices[j * rows_per_step:(j + 1) * rows_per_step][share] for j in range(updates)]
+        local = [steps[j][k] for k in range(len(steps[0])) for j in range(updates)]
+        batch = batching.pad_rows([rows[i] for i in local], pad_id)
+        yield batch.input_ids, batch.attention_mask, batch.response_mask
+
+
+def check_ptx_options(ptx_coef: float, ptx_data: bool, stage_config: "PPOStageConfig", prefix: str = "",
+                      data_flag: str = "--ptx_data") -> None:
+    """Refuse PPO-ptx options that would do nothing or cannot work, before
+    anything is loaded: ``ptx_coef > 0`` without ptx data, ptx data (or a
+    ``ptx_*`` option) with ``ptx_coef`` 0. ``prefix``: the flags' prefix
+    (``ppo_`` in the pipeline); ``ptx_data``: whether ptx data is given.
+
+    Raises:
+        ValueError: a one-line usage message naming the flags.
+    """
+    coef = f"--{prefix}ptx_coef"
+    if ptx_coef > 0 and not ptx_data:
+        raise ValueError(f"{coef} {ptx_coef} needs PPO-ptx data: give {data_flag} FILE (demonstrations JSONL, "
+                         f"the sft command's format), or set {coef} 0")
+    if ptx_coef == 0:
+        if ptx_data:
+            raise ValueError(f"{data_flag} is given but {coef} is 0, so PPO-ptx is off and the data would be "
+                             f"ignored: set {coef} > 0 or drop {data_flag}")
+        if stage_config.ptx_rows_per_step:
+            raise ValueError(f"--{prefix}ptx_rows_per_step is set but {coef} is 0 (PPO-ptx is off): set {coef} > 0 "
+                             f"or drop --{prefix}ptx_rows_per_step")
+
+
+def check_ppo_options(data, stage_config: "PPOStageConfig", engine_config) -> None:
+    """``rlhf-engine ppo``'s checks across its option groups (see
+    :func:`check_ptx_options`); ValueError: exit 2 before any model loads."""
+    check_ptx_options(engine_config.ptx_coef, bool(data.ptx_data), stage_config)
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    if engine_config.ptx_coef == 0:
+        for name in ("ptx_max_length", "ptx_length_policy"):
+            if getattr(data, name) != defaults[name]:
+                raise ValueError(f"--{name} is set but --ptx_coef is 0 (PPO-ptx is off): set --ptx_coef > 0 or "
+                                 f"drop --{name}")
+
+
+# The PPO loop ------------------------------------------------------------------------------
 
 class PolicyProbe:
     """Sample one response per prompt from a policy and measure it.
@@ -119,6 +237,12 @@ class PolicyProbe:
             kls = self._kl(policy, rollout).tolist() if self.reference is not None else [None] * len(prompt_ids)
             return list(zip(decode_responses(self.tokenizer, rollout), kls))
 
+        if self.reference is not None:
+            devices = {str(_device_of(policy)), str(_device_of(self.reference))}
+            if len(devices) > 1:
+                raise ValueError(f"the policy and the reference are on different devices ({sorted(devices)}): "
+                                 f"probe them where both are on the compute device (with an engine: "
+                                 f"probe_engine, in its score placement)")
         was_training = policy.training
         policy.eval()
         try:
@@ -143,8 +267,22 @@ class PolicyProbe:
         return metrics
 
 
+def _device_of(model) -> torch.device:
+    return next(itertools.chain(model.parameters(), model.buffers())).device
+
+
+def probe_engine(engine, probe: PolicyProbe) -> Dict[str, float]:
+    """``probe(engine.policy)`` with the engine's models in its ``score``
+    placement (policy, reference, reward model and critic on the compute
+    device; see :mod:`rlhf_engine.engine.offload`): after :meth:`step` the
+    engine is in ``learn``, where with ``offload=True`` the reference and the
+    reward model wait on the host. The next step places the models itself."""
+    engine.placement.enter("score")
+    return probe(engine.policy)
+
+
 def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]], config: PPOStageConfig, *,
-              probe: Optional[PolicyProbe] = None) -> Dict:
+              probe: Optional[PolicyProbe] = None, ptx_rows: Optional[Sequence[Row]] = None) -> Dict:
     """Run PPO iterations of ``engine`` as ``stage`` of ``run``, then write
     ``<stage>/model`` (the policy and tokenizer) and the stage's result.
 
@@ -154,23 +292,32 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         config: :class:`PPOStageConfig`; the prompt order is seeded with
             ``engine.config.seed``.
         probe: measured before the first iteration (recorded as step 0),
-            every ``config.eval_every`` iterations and after the last.
+            every ``config.eval_every`` iterations and after the last, by
+            :func:`probe_engine`; its models must be the engine's.
+        ptx_rows: PPO-ptx rows (:func:`encode_ptx`), required when
+            ``engine.config.ptx_coef > 0`` and refused otherwise: each
+            iteration passes :func:`ptx_batches`' next batch to
+            ``engine.step``, ``config.ptx_rows_per_step`` (0: the engine's
+            ``mini_batch_size``) rows per optimizer step.
 
     Returns:
         the result: ``iterations``, ``wall_seconds``, ``kl_mean`` and
         ``score_mean`` (means over all iterations of the engine's ``kl/k1``
         and ``reward/score_mean``), ``score_last`` (mean score over the last
-        tenth of the iterations) and the last probe's metrics. A finished
+        tenth of the iterations), the last probe's metrics and, with
+        PPO-ptx, ``ptx_loss_mean`` (of the engine's ``ptx/loss``). A finished
         stage is skipped (its result returned; load ``run.model_dir(stage)``).
 
     Under torch.distributed every rank calls it: each passes its share of
     an iteration's prompts to ``engine.step`` (``prompts_per_iteration``
-    must divide by the world size), and Ctrl-C on any rank stops every rank
-    at the same iteration.
+    must divide by the world size) and of its PPO-ptx rows (so must the rows
+    per step), and Ctrl-C on any rank stops every rank at the same iteration.
 
     Raises:
         Interrupted: after Ctrl-C, once the checkpoint is written.
-        UsageError: ``prompts_per_iteration`` does not split over the ranks.
+        UsageError: ``prompts_per_iteration`` or the PPO-ptx rows per step do
+            not split over the ranks; ``ptx_rows`` missing with
+            ``ptx_coef > 0`` or given with ``ptx_coef`` 0.
     """
     done = run.skip_if_done(stage)
     if done is not None:
@@ -178,8 +325,19 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
     if not prompt_ids:
         raise ValueError("prompt_ids is empty")
     batch = config.prompts_per_iteration
-    if batch % run.where.world_size:
-        raise UsageError(f"prompts_per_iteration={batch} must be a multiple of the {run.where.world_size} ranks")
+    world = run.where.world_size
+    if batch % world:
+        raise UsageError(f"prompts_per_iteration={batch} must be a multiple of the {world} ranks")
+    ptx_coef = engine.config.ptx_coef
+    if (ptx_coef > 0) != (ptx_rows is not None):
+        raise UsageError(f"ptx_coef={ptx_coef} needs PPO-ptx rows (demonstrations)" if ptx_coef > 0 else
+                         "PPO-ptx rows were given but ptx_coef is 0: they would be ignored")
+    updates = engine.updates_per_iteration(batch)
+    per_step = config.ptx_rows_per_step or engine.config.mini_batch_size
+    if ptx_rows is not None and per_step % world:
+        raise UsageError(f"PPO-ptx rows per optimizer step ({per_step}: ptx_rows_per_step, or mini_batch_size when "
+                         f"it is 0) must be a multiple of the {world} ranks")
+    ptx_per_iteration = updates * per_step if ptx_rows is not None else 0
     share = distributed.rows_of_rank(batch, run.where)
     root = run.checkpoints(stage)
     total = config.num_iterations(len(prompt_ids))
@@ -188,27 +346,35 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         start = engine.load(root)["iteration"]
         run.log(f"{stage}: resuming from iteration {start}")
     batches = prompt_batches(len(prompt_ids), batch, engine.config.seed, start=start * batch)
+    ptx = None
+    if ptx_rows is not None:
+        ptx = ptx_batches(ptx_rows, engine.pad_id, updates=updates, rows_per_step=per_step, seed=engine.config.seed,
+                          where=run.where, start=start)
+        run.log(f"{stage}: PPO-ptx (coefficient {ptx_coef}) on {len(ptx_rows)} demonstrations: {per_step} per "
+                f"optimizer step, {ptx_per_iteration} per iteration")
     history = run.from_main(_history(run, stage, start) if run.is_main else None)
     began = time.perf_counter()
     if probe is not None and config.eval_every and start == 0:
-        run.record(stage, 0, probe(engine.policy))  # the starting point (the SFT model) of the curves
+        run.record(stage, 0, probe_engine(engine, probe))  # the starting point (the SFT model) of the curves
     bar = run.progress(total, stage, initial=start)
+    position = functools.partial(_position, batch=batch, ptx_per_iteration=ptx_per_iteration)
     try:
         for iteration in range(start, total):
             if global_sums([float(run.should_stop())], run.device)[0] > 0:
-                path = engine.save(root, extra=_position(iteration, batch))
+                path = engine.save(root, extra=position(iteration))
                 raise Interrupted(stage, iteration, path)
-            metrics = engine.step([list(prompt_ids[i]) for i in next(batches)[share]])
+            metrics = engine.step([list(prompt_ids[i]) for i in next(batches)[share]],
+                                  None if ptx is None else next(ptx))
             step = iteration + 1
             if probe is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
-                metrics.update(probe(engine.policy))
+                metrics.update(probe_engine(engine, probe))
             run.record(stage, step, metrics)
             history.append(metrics)
             bar.update(1)
             bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3g}", "kl": f"{metrics['kl/k1']:.3g}"},
                             refresh=False)
             if config.save_every and step % config.save_every == 0 and step < total:
-                engine.save(root, extra=_position(step, batch))
+                engine.save(root, extra=position(step))
     finally:
         bar.close()
     run.save_model(stage, engine.policy, engine.tokenizer)
@@ -216,8 +382,13 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
                               **summarize(history)})
 
 
-def _position(iteration: int, batch: int) -> Dict[str, int]:
-    return {"iteration": iteration, "prompt_position": iteration * batch}
+def _position(iteration: int, batch: int, ptx_per_iteration: int) -> Dict[str, int]:
+    """A checkpoint's ``extra``: the iteration to continue from, and the
+    positions it implies in the prompt and PPO-ptx row streams (a resumed
+    run reads both streams from there, :func:`prompt_batches`,
+    :func:`ptx_batches`)."""
+    return {"iteration": iteration, "prompt_position": iteration * batch,
+            "ptx_position": iteration * ptx_per_iteration}
 
 
 def _history(run: Run, stage: str, start: int) -> List[Dict]:
@@ -235,6 +406,9 @@ def summarize(history: Sequence[Dict]) -> Dict[str, float]:
     summary = {"kl_mean": statistics.fmean(row["kl/k1"] for row in history),
                "score_mean": statistics.fmean(row["reward/score_mean"] for row in history),
                "score_last": statistics.fmean(row["reward/score_mean"] for row in tail)}
+    ptx = [row["ptx/loss"] for row in history if "ptx/loss" in row]
+    if ptx:
+        summary["ptx_loss_mean"] = statistics.fmean(ptx)
     if probes:
         summary.update({key: value for key, value in probes[-1].items() if key.startswith("probe/")})
     return summary
@@ -243,14 +417,27 @@ def summarize(history: Sequence[Dict]) -> Dict[str, float]:
 def run_ppo_command(run: Run, data, stage_config: PPOStageConfig, engine_config) -> Dict:
     """``rlhf-engine ppo``: PPO of the SFT folder ``data.policy`` against
     the reward-model folder ``data.reward_model`` on ``data.prompts``
-    (:class:`~rlhf_engine.pipeline.config.PPOData`); the engine places
-    (and under torch.distributed shards) the models itself."""
+    (:class:`~rlhf_engine.pipeline.config.PPOData`), with PPO-ptx on the
+    demonstrations ``data.ptx_data`` when ``ptx_coef > 0``; the engine
+    places (and under torch.distributed shards) the models itself."""
+    check_ppo_options(data, stage_config, engine_config)  # the CLI checks it before the run folder opens
     prompts = read_jsonl(data.prompts, "prompts")
     eval_prompts = read_jsonl(data.eval_prompts, "prompts") if data.eval_prompts else None
-    tokenizer = load_tokenizer(data.policy)
-    policy, _ = load_causal_lm(data.policy)
-    reward_model = load_reward_model(data.reward_model)
-    critic = load_reward_model(data.critic) if data.critic else None
+    demonstrations = read_jsonl(data.ptx_data, "demonstrations") if data.ptx_data else None
+    tokenizer = load_tokenizer(data.policy, role="--policy")
+    ptx_rows = None
+    if demonstrations is not None:
+        try:
+            ptx_rows, report = encode_ptx(tokenizer, demonstrations, data.ptx_max_length, data.ptx_length_policy)
+        except ValueError as exc:
+            raise UsageError(f"{data.ptx_data}: {exc}") from None
+        run.log(f"ppo: PPO-ptx data {data.ptx_data}: {len(ptx_rows)} demonstrations ({report})")
+    for role, path in (("--reward_model", data.reward_model), ("--critic", data.critic)):
+        if path:  # fed the policy's token ids
+            check_same_tokenizer(tokenizer, "--policy", data.policy, role, path)
+    policy, _ = load_causal_lm(data.policy, role="--policy")
+    reward_model = load_reward_model(data.reward_model, role="--reward_model")
+    critic = load_reward_model(data.critic, role="--critic") if data.critic else None
     engine = RLHFEngine(policy, tokenizer, engine_config, reward_model=reward_model, critic=critic)
     probe = None
     if eval_prompts is not None:
@@ -261,5 +448,5 @@ def run_ppo_command(run: Run, data, stage_config: PPOStageConfig, engine_config)
                             max_new_tokens=engine_config.max_new_tokens, temperature=engine_config.temperature,
                             seed=engine_config.seed)
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]
-    result = train_ppo(run, "ppo", engine, prompt_ids, stage_config, probe=probe)
+    result = train_ppo(run, "ppo", engine, prompt_ids, stage_config, probe=probe, ptx_rows=ptx_rows)
     return {**result, "model": str(run.model_dir("ppo"))}

@@ -15,19 +15,27 @@ A batch's loss is the mean of its elements' losses, through
 :func:`rlhf_engine.ops.pairwise_reward_loss`. Scores are the head at each
 row's last real token (:func:`rlhf_engine.models.scalar_heads.sequence_scores`);
 rows are always padded, since pooling needs one row per response.
+
+After training, as InstructGPT does before RL, the scores are normalised
+so that held-out demonstrations score 0 on average
+(:func:`normalize_scores`): their mean score becomes the model's
+``config.score_offset``, which ``sequence_scores`` subtracts, so the saved
+model folder carries it to every consumer (the engine, ``eval``, the
+probes) whether or not the score head has a bias to fold it into.
 """
 import dataclasses
 from collections import defaultdict
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.models.scalar_heads import sequence_scores
+from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.models.scalar_heads import score_offset, sequence_scores
 from rlhf_engine.pipeline import batching
-from rlhf_engine.pipeline.data import Comparison, Encoded, Ranking
+from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking
 from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, option,
-                                          split_and_prepare, train_loop)
+                                          prepare_examples, split_and_prepare, total_steps, train_loop)
 
 
 @dataclasses.dataclass
@@ -37,6 +45,11 @@ class RMConfig(TrainConfig):
     ranking."""
 
     lr: float = option(3e-4, "Peak learning rate of AdamW.")
+    normalize_rewards: bool = option(True, "After training, shift the scores so that held-out demonstrations "
+                                           "score 0 on average (InstructGPT's normalisation before RL): their mean "
+                                           "score is saved as the model's config.score_offset, which every consumer "
+                                           "subtracts. Needs the demonstrations (`rm --demonstrations FILE`; the "
+                                           "built-in pipeline uses the SFT stage's held-out ones).")
 
 
 class PairGroup(NamedTuple):
@@ -123,8 +136,76 @@ def preference_loss(scores: torch.Tensor, batch: PreferenceBatch) -> Tuple[torch
     return loss, correct
 
 
+def score_rows(model, rows: Sequence[batching.Row], pad_id: int) -> torch.Tensor:
+    """``[B]`` float32: the reward model's score (:func:`sequence_scores`)
+    of each ``(prompt_ids, response_ids)`` row, laid out as the engine
+    scores a PPO rollout: prompts left-padded, responses right-padded after
+    them, positions counted from each row's first real token. Batched on
+    ``model``'s device; gradients as the caller's mode allows."""
+    batching._check_rows(rows)  # noqa: SLF001 (the same checks as the other layouts)
+    prompt_ids, prompt_mask = left_pad([list(prompt) for prompt, _ in rows], pad_id)
+    width = max(len(response) for _, response in rows)
+    response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (_, response) in enumerate(rows):
+        response_ids[i, :len(response)] = torch.as_tensor(list(response), dtype=torch.long)
+        response_mask[i, :len(response)] = True
+    device = model_device(model)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).to(device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return sequence_scores(model, input_ids, attention_mask, position_ids)
+
+
+def normalize_scores(model, tokenizer, demonstrations: Sequence[Demonstration], config: RMConfig) -> Dict:
+    """Make the held-out ``demonstrations`` score 0 on average: each one's
+    ``(prompt, response + EOS)`` is scored by :func:`score_rows` (after
+    ``config``'s length policy), and their mean is added to
+    ``model.config.score_offset`` (``sequence_scores`` already subtracts
+    an offset set before, so the new one accumulates onto it).
+
+    Under torch.distributed the batches are split over the ranks
+    (:func:`~rlhf_engine.pipeline.training.evaluate_sums`; a sharded
+    ``model`` works) and every rank sets the same offset.
+
+    Returns:
+        ``{"reward/offset": the new offset, "reward/offset_examples": the
+        number of demonstrations scored}``.
+    """
+    return _normalize(model, _prepare_demonstrations(tokenizer, demonstrations, config), _pad_id(tokenizer),
+                      config.batch_size)
+
+
+def _prepare_demonstrations(tokenizer, demonstrations, config) -> List[Encoded]:
+    examples, _ = prepare_examples(tokenizer, demonstrations, config, (Demonstration,), "demonstrations")
+    if not examples:
+        raise ValueError("demonstrations is empty: nothing to normalise the scores with")
+    return examples
+
+
+def _normalize(model, examples: Sequence[Encoded], pad_id: int, batch_size: int) -> Dict:
+    def measure(chunk):
+        scores = score_rows(model, [(example.prompt_ids, example.responses[0]) for example in chunk], pad_id)
+        return scores.double().sum(), len(chunk)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            total, count = evaluate_sums(batching.chunks(examples, batch_size), measure, model_device(model))
+    finally:
+        model.train(was_training)
+    model.config.score_offset = score_offset(model) + total / count
+    return {"reward/offset": model.config.score_offset, "reward/offset_examples": int(count)}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: Optional[Sequence],
-                       config: RMConfig, *, on_step: Optional[Callable[[dict], None]] = None,
+                       config: RMConfig, *, demonstrations: Optional[Sequence[Demonstration]] = None,
+                       on_step: Optional[Callable[[dict], None]] = None,
                        stop: Optional[Callable[[], bool]] = None, checkpoints=None,
                        resume: bool = False) -> dict:
     """Train the scalar-head ``model`` in place on comparisons and rankings.
@@ -137,22 +218,35 @@ def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: 
             records, mixed freely; ``eval_records`` None holds out
             ``config.eval_fraction`` of the training ones.
         config: :class:`RMConfig`.
+        demonstrations: held-out :class:`Demonstration` records (not
+            trained on by the SFT model) that :func:`normalize_scores` makes
+            score 0 on average after the last step; required when
+            ``config.normalize_rewards``, ignored otherwise.
         on_step, stop, checkpoints, resume: see
             :func:`rlhf_engine.pipeline.training.train_loop` (data-parallel
             under torch.distributed; ``model`` is then sharded in place);
-            each step's metrics add ``accuracy`` (of the batch's pairs).
+            each step's metrics add ``accuracy`` (of the batch's pairs), and
+            the last step's the normalisation's ``reward/offset`` and
+            ``reward/offset_examples``.
 
     Returns:
         the loop's metrics with ``eval_loss`` and ``eval_accuracy`` (fraction
         of held-out pairs, every pair of a ranking included, scored chosen >
         rejected; a tie counts as wrong), plus ``train_examples``,
-        ``eval_examples``, ``dropped``, ``truncated``.
+        ``eval_examples``, ``dropped``, ``truncated``, and with
+        normalisation ``reward/offset`` and ``reward/offset_examples`` (not
+        when stopped early).
     """
     if not isinstance(config, RMConfig):
         raise ValueError(f"config must be an RMConfig, got {type(config).__name__}")
+    if config.normalize_rewards and demonstrations is None:
+        raise ValueError("normalize_rewards needs held-out demonstrations: pass demonstrations, or set "
+                         "normalize_rewards=False")
     train, held, info = split_and_prepare(tokenizer, train_records, eval_records, config, (Comparison, Ranking))
+    # encoded up front, so that bad demonstrations fail before training
+    demos = _prepare_demonstrations(tokenizer, demonstrations, config) if config.normalize_rewards else None
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
 
     def forward(examples):
         batch = collate_preferences(examples, pad_id).to(device)
@@ -175,6 +269,15 @@ def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: 
                                                            device)
         return {"eval_loss": loss_sum / elements, "eval_accuracy": correct / pairs}
 
-    metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
+    last_step, normalized = total_steps(len(train), config), {}
+
+    def after_step(metrics):
+        if demos is not None and metrics["step"] == last_step:  # the offset goes into the last step's record
+            normalized.update(_normalize(model, demos, pad_id, config.batch_size))
+            metrics.update(normalized)
+        if on_step is not None:
+            on_step(metrics)
+
+    metrics = train_loop(model, config, len(train), step, evaluate, on_step=after_step, stop=stop,
                          checkpoints=checkpoints, resume=resume)
-    return {**metrics, **info}
+    return {**metrics, **info, **normalized}

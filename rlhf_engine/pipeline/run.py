@@ -50,6 +50,7 @@ from rlhf_engine.pipeline.evaluate import compare_policies, judge_gold, judge_re
 from rlhf_engine.pipeline.reward import train_reward_model
 from rlhf_engine.pipeline.sft import train_sft
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, total_steps
+from rlhf_engine.pipeline.vocab import tokenizer_difference
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -355,35 +356,93 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
 
 # -- the sft, rm and eval commands ----------------------------------------------------------
 
-def load_causal_lm(spec: str, *, texts=(), vocab_size: int = 450, seed: int = 0):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# What each loader refuses by the folder's config.json architectures, before loading any weights.
+_OTHER_KIND = {AutoModelForCausalLM: (("ForSequenceClassification",), "a reward model", "language-model"),
+               AutoModelForSequenceClassification: (("ForCausalLM", "LMHeadModel"), "a causal language model",
+                                                    "score")}
+
+
+def load_causal_lm(spec: str, *, texts=(), vocab_size: int = 450, seed: int = 0, role: str = "model"):
     """``(model, tokenizer)``: a HuggingFace causal LM folder ``spec`` (float32),
     or a new Llama of size ``spec`` (``tiny``/``small``) with a byte-level
     tokenizer learnt from ``texts``. A tokenizer without a pad token pads
-    with EOS."""
+    with EOS.
+
+    Raises:
+        UsageError: naming ``role`` (the option that named the folder, e.g.
+            ``--policy``): no such folder, no tokenizer, or a folder that is
+            not a causal LM (a reward model's, or one whose weights would
+            leave part of the model freshly initialised).
+    """
     if spec in SIZES:
         tokenizer = byte_tokenizer(list(texts), vocab_size)
         return build_policy(spec, tokenizer, seed=seed), tokenizer
-    tokenizer = load_tokenizer(spec)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32), tokenizer
+    tokenizer = load_tokenizer(spec, role=role)
+    return _load_model(AutoModelForCausalLM, spec, role), tokenizer
 
 
-def load_reward_model(path: str):
-    """A reward-model folder as a one-label sequence-classification model (float32)."""
-    _check_folder(path)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+def load_reward_model(path: str, *, role: str = "reward model"):
+    """A reward-model folder as a one-label sequence-classification model
+    (float32); a UsageError naming ``role`` for a folder that is missing or
+    is not a reward model's (a causal LM's, whose score head would be
+    freshly initialised)."""
+    return _load_model(AutoModelForSequenceClassification, path, role, num_labels=1)
 
 
-def load_tokenizer(path: str):
-    _check_folder(path)
+def load_tokenizer(path: str, *, role: str = "model"):
+    """The tokenizer of a model folder (a UsageError naming ``role`` when
+    it has none); one without a pad token pads with EOS."""
+    _check_folder(path, role)
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{role} {path} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _check_folder(path: str) -> None:
+def check_same_tokenizer(tokenizer, role: str, path: str, other_role: str, other_path: str) -> None:
+    """Refuse (UsageError naming both folders) the model folder
+    ``other_path`` when it is to be fed token ids of ``tokenizer`` (the
+    one of ``role`` ``path``) and its own tokenizer gives other ids
+    (:func:`~rlhf_engine.pipeline.vocab.tokenizer_difference`)."""
+    difference = tokenizer_difference(tokenizer, load_tokenizer(other_path, role=other_role))
+    if difference is not None:
+        raise UsageError(f"{other_role} {other_path} has another tokenizer than {role} {path} ({difference}): "
+                         f"it would be fed token ids it does not know")
+
+
+def _load_model(auto_class, path: str, role: str, **kwargs):
+    """``auto_class.from_pretrained(path)`` in float32, refusing a folder
+    whose weights would leave part of the model freshly initialised."""
+    _check_folder(path, role)
+    suffixes, kind, head = _OTHER_KIND[auto_class]
+    architectures = _architectures(path)
+    other = [name for name in architectures if name.endswith(suffixes)]
+    if other:
+        raise UsageError(f"{role} {path} holds {kind} ({other[0]}): its {head} head would be freshly initialised "
+                         f"(folders swapped?)")
+    model, info = auto_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UsageError(f"{role} {path} ({', '.join(architectures) or 'no architectures in config.json'}) lacks "
+                         f"weights of {type(model).__name__}: {shown} would be freshly initialised")
+    return model
+
+
+def _architectures(path: str):
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # from_pretrained says what is wrong with it
+    return list(config.get("architectures") or [])
+
+
+def _check_folder(path: str, role: str = "model") -> None:
     if not Path(path).is_dir():
-        raise UsageError(f"{path}: no such model folder")
+        raise UsageError(f"{role} {path}: no such model folder")
 
 
 def run_sft_command(run: Run, data, config) -> Dict:
@@ -392,24 +451,46 @@ def run_sft_command(run: Run, data, config) -> Dict:
     train = read_jsonl(data.train_file, "demonstrations")
     held = read_jsonl(data.eval_file, "demonstrations") if data.eval_file else None
     texts = [text for record in train for text in (record.prompt, record.response)]
-    model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed)
+    model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed,
+                                      role="--model")
     result = train_stage(run, "sft", model, tokenizer, train_sft, train, held, config)
     return {**result, "model": str(run.model_dir("sft"))}
 
 
+def check_rm_options(data, config) -> None:
+    """``rlhf-engine rm``'s checks across its option groups; ValueError:
+    exit 2 before the run folder opens."""
+    if config.normalize_rewards and not data.demonstrations:
+        raise ValueError("--normalize_rewards (on by default) needs held-out demonstrations: pass --demonstrations "
+                         "FILE (e.g. the SFT stage's eval_file), or --normalize_rewards false")
+
+
 def run_rm_command(run: Run, data, config) -> Dict:
     """``rlhf-engine rm``: a reward model from the SFT folder ``data.model``,
-    trained on comparisons and/or rankings."""
+    trained on comparisons and/or rankings, its scores normalised on the
+    held-out demonstrations ``data.demonstrations`` (unless
+    ``config.normalize_rewards`` is off)."""
+    try:
+        check_rm_options(data, config)  # the CLI checks it before the run folder opens
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
     def records(comparisons, rankings):
         found = read_jsonl(comparisons, "comparisons") if comparisons else []
         return found + (read_jsonl(rankings, "rankings") if rankings else [])
 
     train = records(data.comparisons, data.rankings)
     held = records(data.eval_comparisons, data.eval_rankings) or None
-    _check_folder(data.model)
-    lm, tokenizer = load_causal_lm(data.model)
+    demonstrations = None
+    if config.normalize_rewards:
+        demonstrations = read_jsonl(data.demonstrations, "demonstrations")
+        if not demonstrations:
+            raise UsageError(f"--demonstrations {data.demonstrations} holds no demonstrations")
+    _check_folder(data.model, "--model")  # not a size: the reward model starts from an SFT model
+    lm, tokenizer = load_causal_lm(data.model, role="--model")
     model = reward_model_from_causal_lm(lm, seed=data.model_seed)
-    result = train_stage(run, "rm", model, tokenizer, train_reward_model, train, held, config,
+    train_fn = functools.partial(train_reward_model, demonstrations=demonstrations)
+    result = train_stage(run, "rm", model, tokenizer, train_fn, train, held, config,
                          postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
     return {**result, "model": str(run.model_dir("rm"))}
 
@@ -420,16 +501,17 @@ def run_eval_command(run: Run, options) -> Dict:
     response and score goes to ``eval/responses.jsonl``. Under
     torch.distributed the sampling batches are spread over the ranks."""
     prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
-    for path in (options.policy_a, options.policy_b):
-        _check_folder(path)
-    policy_a, tokenizer = load_causal_lm(options.policy_a)
-    policy_b, _ = load_causal_lm(options.policy_b)
+    tokenizer = load_tokenizer(options.policy_a, role="--policy_a")
+    # both policies are sampled with policy_a's tokenizer; a judge with its own tokenizer scores the text
+    check_same_tokenizer(tokenizer, "--policy_a", options.policy_a, "--policy_b", options.policy_b)
+    policy_a, _ = load_causal_lm(options.policy_a, role="--policy_a")
+    policy_b, _ = load_causal_lm(options.policy_b, role="--policy_b")
     policy_a, policy_b = policy_a.to(run.device), policy_b.to(run.device)
     if options.judge == "gold":
         judge = judge_gold
     else:
-        judge = functools.partial(judge_reward_model, load_reward_model(options.judge).to(run.device),
-                                  load_tokenizer(options.judge), batch_size=options.batch_size)
+        judge = functools.partial(judge_reward_model, load_reward_model(options.judge, role="--judge").to(run.device),
+                                  load_tokenizer(options.judge, role="--judge"), batch_size=options.batch_size)
     run.log(f"eval: sampling {len(prompts)} prompts from each policy")
     comparison = compare_policies(policy_a, policy_b, tokenizer, prompts, judge,
                                   max_new_tokens=options.max_new_tokens, temperature=options.temperature,

@@ -142,7 +142,7 @@ def test_bad_option_value_exits_2(tmp_path, capsys):
 def test_bad_data_exits_2_naming_file_line_and_field(workspace, tmp_path, capsys, command, flag, kind, line, field):
     path = tmp_path / "bad.jsonl"
     path.write_text(kind)
-    models = {"sft": [], "rm": ["--model", str(workspace / "lm")],
+    models = {"sft": [], "rm": ["--model", str(workspace / "lm"), "--demonstrations", str(workspace / "demos.jsonl")],
               "ppo": ["--policy", str(workspace / "lm"), "--reward_model", str(workspace / "rm")]}[command]
     status = cli.main([command, flag, str(path), *models, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -209,15 +209,18 @@ def test_sft_ctrl_c_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted
 def test_rm_stage_folder_loads_in_transformers(workspace, tmp_path, capsys):
     out = tmp_path / "rm"
     assert cli.main(["rm", "--model", str(workspace / "lm"), "--rankings", str(workspace / "rankings.jsonl"),
-                     "--max_steps", "2", "--batch_size", "4", "--out", str(out)]) == 0
+                     "--demonstrations", str(workspace / "demos.jsonl"), "--max_steps", "2", "--batch_size", "4",
+                     "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 <= result["eval_accuracy"] <= 1 and result["eval_examples"] == 1  # 5% of 12, at least one
     model = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
     tok = AutoTokenizer.from_pretrained(out / "rm" / "model")
     ids = torch.tensor([tok("sort: ba\nAnswer:\nab")["input_ids"]])
-    # transformers' own forward pools at the last token, as our scorer does on an unpadded row
+    # transformers' own forward pools at the last token, as our scorer does on an unpadded row; our scorer then
+    # subtracts the offset the stage measured on the demonstrations (config.score_offset)
     assert model(ids).logits.shape == (1, 1)
-    torch.testing.assert_close(model(ids).logits[:, 0], sequence_scores(model, ids, torch.ones_like(ids)))
+    torch.testing.assert_close(model(ids).logits[:, 0] - model.config.score_offset,
+                               sequence_scores(model, ids, torch.ones_like(ids)))
 
 
 def test_ppo_ctrl_c_and_resume_continue_exactly(workspace, tmp_path, capsys, monkeypatch):

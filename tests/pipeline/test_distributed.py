@@ -96,11 +96,12 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(sft_runs, tmp_path, capsys):
 
 
 def test_reward_model_on_two_ranks_matches_one(workspace, tmp_path):  # noqa: F811
-    args = ["rm", "--model", str(workspace / "lm"), "--rankings", str(workspace / "rankings.jsonl"), *RM_ARGS]
+    args = ["rm", "--model", str(workspace / "lm"), "--rankings", str(workspace / "rankings.jsonl"),
+            "--demonstrations", str(workspace / "demos.jsonl"), *RM_ARGS]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     status, _, err = torchrun(args + ["--out", str(tmp_path / "two")])
     assert status == 0, err[-3000:]
-    keys = ("loss", "accuracy", "grad_norm", "eval_loss", "eval_accuracy")
+    keys = ("loss", "accuracy", "grad_norm", "eval_loss", "eval_accuracy", "reward/offset")
     assert_close_rows(losses(tmp_path / "two", "rm", *keys), losses(tmp_path / "one", "rm", *keys))
 
 

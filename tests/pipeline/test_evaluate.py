@@ -1,18 +1,25 @@
-"""Evaluation: win-rate math, decoding of sampled responses, the judges."""
+"""Evaluation: win-rate math, decoding of sampled responses, the judges
+(a reward model scores the sampled tokens themselves: the probe's reward is
+the score of the rollout)."""
 import functools
 import math
+import pickle
+import random
 
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.engine.rollout import sample
 from rlhf_engine.models.scalar_heads import sequence_scores
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline import task
-from rlhf_engine.pipeline.data import encode_pair
-from rlhf_engine.pipeline.evaluate import (compare_policies, generate_responses, judge_gold, judge_reward_model,
-                                           win_rate)
+from rlhf_engine.pipeline.data import encode_pair, encode_prompt
+from rlhf_engine.pipeline.evaluate import (SampledResponse, compare_policies, generate_responses, judge_gold,
+                                           judge_reward_model, win_rate)
+from rlhf_engine.pipeline.ppo_stage import PolicyProbe
 
 PROMPTS = ["reverse: abc", "sort: fedcba", "count a: aab"]
 
@@ -130,3 +137,65 @@ def test_compare_policies(tok):
     same = compare_policies(a_only, a_only, tok, prompts, functools.partial(judge_reward_model, rm, tok),
                             max_new_tokens=3)
     assert same.win_rate.ties == 3 and same.win_rate.rate == 0.5
+
+
+def eos_prone_lm(vocab_size, eos_id, p_eos=0.25):
+    """A causal LM that samples EOS with probability ``p_eos`` at each step, any other token uniformly."""
+    model = constant_lm(vocab_size, eos_id)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.bias.zero_()
+        head.bias[eos_id] = math.log(p_eos / (1 - p_eos) * (vocab_size - 1))
+    return model
+
+
+def scored_rm(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    rm = LlamaForSequenceClassification(_config(vocab_size, num_labels=1, pad_token_id=0)).eval()
+    with torch.no_grad():
+        rm.score.weight.mul_(50.0)  # scores that differ visibly between sequences
+    return rm
+
+
+def test_probe_reward_is_the_mean_score_of_the_sampled_rollout(tok):
+    policy, rm = eos_prone_lm(len(tok), tok.eos_token_id), scored_rm(len(tok))
+    prompts = ["reverse: abc", "sort: fedcba", "count a: aab", "upper: face", "sort: ba", "reverse: dcbafe"]
+    probe = PolicyProbe(tok, prompts, {"reward": functools.partial(judge_reward_model, rm, tok, batch_size=3)},
+                        max_new_tokens=6, temperature=1.0, seed=5, batch_size=3)
+    reward = probe(policy)["probe/reward"]
+    # independently: the same draws (each batch's seed from random.Random(seed)), scored as the engine scores them
+    seeds, scores, finished = random.Random(5), [], []
+    for batch in (prompts[:3], prompts[3:]):
+        ids, mask = left_pad([encode_prompt(tok, p) for p in batch], tok.pad_token_id)
+        generator = torch.Generator().manual_seed(seeds.getrandbits(63))
+        rollout = sample(policy, ids, mask, probe.params, generator=generator)
+        with torch.no_grad():
+            scores += sequence_scores(rm, rollout.sequences, rollout.attention_mask, rollout.position_ids).tolist()
+        finished += rollout.finished.tolist()
+    assert any(finished) and not all(finished)  # EOS-ended and cut responses both
+    assert reward == pytest.approx(sum(scores) / len(scores), abs=1e-6)
+    # the text, re-encoded with an EOS appended to every response, would have scored otherwise
+    responses, _ = probe.sample(policy)
+    as_text = judge_reward_model(rm, tok, prompts, [str(r) for r in responses], batch_size=3)
+    assert abs(sum(as_text) / len(as_text) - reward) > 1e-3
+
+
+def test_sampled_responses_carry_their_tokens(tok):
+    policy = eos_prone_lm(len(tok), tok.eos_token_id)
+    responses = generate_responses(policy, tok, PROMPTS, max_new_tokens=6, seed=1, batch_size=2)
+    for prompt, response in zip(PROMPTS, responses):
+        assert isinstance(response, SampledResponse) and response.prompt_ids == tuple(encode_prompt(tok, prompt))
+        eos = tok.eos_token_id
+        assert eos not in response.response_ids[:-1] and (len(response.response_ids) == 6 or
+                                                           response.response_ids[-1] == eos)
+    assert pickle.loads(pickle.dumps(responses)) == responses  # gathered over the ranks
+    assert [r.response_ids for r in pickle.loads(pickle.dumps(responses))] == [r.response_ids for r in responses]
+
+
+def test_a_judge_with_another_tokenizer_scores_the_text(tok):
+    other = byte_tokenizer(["reverse: sort: count a: upper: \nAnswer:\n"] * 20, 300)
+    assert other.get_vocab() != tok.get_vocab()
+    responses = generate_responses(eos_prone_lm(len(tok), tok.eos_token_id), tok, PROMPTS, max_new_tokens=6, seed=1)
+    rm = scored_rm(len(other))
+    texts = [str(r) for r in responses]
+    assert judge_reward_model(rm, other, PROMPTS, responses) == judge_reward_model(rm, other, PROMPTS, texts)
