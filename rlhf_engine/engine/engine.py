@@ -189,9 +189,12 @@ class RLHFEngine:
             if model is not None and hasattr(model, "set_attn_implementation"):
                 select_attention(model, self.device)
         if cfg.gradient_checkpointing:
-            for model in (self.policy, self.critic):
+            for name, model in (("policy", self.policy), ("critic", self.critic)):
+                if model is not None and not getattr(model, "supports_gradient_checkpointing", False):
+                    raise ValueError(f"gradient_checkpointing=True, but the {name} ({type(model).__name__}) does "
+                                     f"not support HuggingFace gradient checkpointing; set it to False")
                 if model is not None:
-                    model.gradient_checkpointing_enable()
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         # Eval mode outside the learn passes (which train without dropout: models.modes), so that
         # every pass -- rollout, score, learn -- computes the same function of the weights.
