@@ -204,44 +204,47 @@ def _integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Rules for numbers: (test, what the test demands).
+_INT_1 = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
+_INT_0 = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
+_NON_NEGATIVE = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
+_POSITIVE = (lambda v: _real(v) and v > 0, "a finite number > 0")
+_UNIT = (lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]")
+_BETA = (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)")
+
+
+def _noted(rule, note):
+    return rule[0], f"{rule[1]} ({note})"
+
+
+def _optional(rule, note=""):
+    """``rule`` for an Optional field: None also passes (``note``: what None means)."""
+    return rule[0], f"{rule[1]} or None" + (f" ({note})" if note else "")
+
+
 # Numeric fields: (name, test, what the test demands). Optional fields pass when None.
-_NUMBERS = (
-    ("max_new_tokens", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("samples_per_prompt", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("ppo_epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("mini_batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("kl_horizon", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    ("micro_batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1 or None"),
-    ("logprob_chunk_size", lambda v: _integer(v) and v >= 1, "an integer >= 1 or None"),
-    ("seed", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    ("top_k", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
-    ("lr_warmup_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    ("total_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no decay)"),
-    ("critic_warmup_iterations", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
-    ("temperature", lambda v: _real(v) and v > 0, "a finite number > 0 (greedy decoding has no sampling "
-                                                  "distribution for the PPO ratio and the KL; use e.g. 0.1)"),
-    ("top_p", lambda v: _real(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
-    ("truncation_penalty", _real, "a finite number"),
-    ("score_clip", lambda v: _real(v) and v > 0, "a finite number > 0 or None (off)"),
-    ("kl_coef", lambda v: _real(v) and v >= 0, "a finite number >= 0 (a negative one rewards drifting away "
-                                               "from the reference)"),
-    ("kl_target", lambda v: _real(v) and v > 0, "a finite number > 0 or None (fixed coefficient)"),
-    ("gamma", lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
-    ("lam", lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
-    ("clip_low", lambda v: _real(v) and 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_low must be "
-                                                   "in (0, 1))"),
-    ("clip_high", lambda v: _real(v) and v > 0, "a finite number > 0 or None (clip_low)"),
-    ("dual_clip", lambda v: _real(v) and v > 1, "a finite number > 1 or None (off)"),
-    ("value_clip", lambda v: _real(v) and v > 0, "a finite number > 0"),
-    ("lr", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
-    ("critic_lr", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
-    ("weight_decay", lambda v: _real(v) and v >= 0, "a finite number >= 0"),
-    ("adam_beta1", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
-    ("adam_beta2", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
-    ("adam_eps", lambda v: _real(v) and v > 0, "a finite number > 0"),
-    ("max_grad_norm", lambda v: _real(v) and v > 0, "a finite number > 0 or None (off)"),
-    ("ptx_coef", lambda v: _real(v) and v >= 0, "a finite number >= 0 (0: off)"),
-)
+_NUMBERS = tuple((name,) + rule for name, rule in {
+    "max_new_tokens": _INT_1, "samples_per_prompt": _INT_1, "ppo_epochs": _INT_1, "mini_batch_size": _INT_1,
+    "kl_horizon": _INT_1, "micro_batch_size": _optional(_INT_1), "logprob_chunk_size": _optional(_INT_1),
+    "seed": _INT_0, "top_k": _noted(_INT_0, "0: off"), "lr_warmup_steps": _INT_0,
+    "total_steps": _noted(_INT_0, "0: no decay"), "critic_warmup_iterations": _INT_0,
+    "temperature": _noted(_POSITIVE, "greedy decoding has no sampling distribution for the PPO ratio and the KL; "
+                                     "use e.g. 0.1"),
+    "top_p": (lambda v: _real(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
+    "truncation_penalty": (_real, "a finite number"),
+    "score_clip": _optional(_POSITIVE, "off"),
+    "kl_coef": _noted(_NON_NEGATIVE, "a negative one rewards drifting away from the reference"),
+    "kl_target": _optional(_POSITIVE, "fixed coefficient"),
+    "gamma": _UNIT, "lam": _UNIT,
+    "clip_low": (lambda v: _real(v) and 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_low must be in "
+                                                   "(0, 1))"),
+    "clip_high": _optional(_POSITIVE, "clip_low"),
+    "dual_clip": _optional((lambda v: _real(v) and v > 1, "a finite number > 1"), "off"),
+    "value_clip": _POSITIVE, "lr": _NON_NEGATIVE, "critic_lr": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+    "adam_beta1": _BETA, "adam_beta2": _BETA, "adam_eps": _POSITIVE,
+    "max_grad_norm": _optional(_POSITIVE, "off"),
+    "ptx_coef": _noted(_NON_NEGATIVE, "0: off"),
+}.items())
 
 
 def _check_numbers(cfg):

@@ -54,7 +54,10 @@ def build_engine(micro_batch_size=None, **overrides):
     settings = dict(device="cpu", max_new_tokens=6, mini_batch_size=4, micro_batch_size=micro_batch_size,
                     ppo_epochs=2, lr=3e-3, critic_lr=3e-3, critic_init="policy", kl_coef=0.1, kl_target=1.0,
                     kl_horizon=100, lr_schedule="linear", total_steps=40, shard_frozen=True, seed=3)
-    config = EngineConfig(**{**settings, **overrides})
+    settings.update(overrides)
+    if settings.get("advantage_estimator", "gae") != "gae":
+        del settings["critic_init"]  # no critic to build
+    config = EngineConfig(**settings)
     return RLHFEngine(tiny(LlamaForCausalLM, 0), Tokenizer(), config,
                       reward_model=tiny(LlamaForSequenceClassification, 1, num_labels=1))
 

@@ -50,6 +50,8 @@ def make_engine(reward=None, **overrides):
     settings = dict(max_new_tokens=8, stop_at_eos=False, mini_batch_size=4, ppo_epochs=2, lr=3e-3,
                     critic_lr=3e-3, critic_init="policy", kl_coef=0.05, seed=0)
     settings.update(overrides)
+    if settings.get("advantage_estimator", "gae") != "gae":
+        del settings["critic_init"]  # no critic to build
     return RLHFEngine(tiny_policy(), Tokenizer(), EngineConfig(**settings), reward_model=reward or TargetCount())
 
 
