@@ -10,12 +10,14 @@ Layout of this module, top to bottom:
    group_size, normalize_std, eps) -> out [N]``; the kernel adapters take
    contiguous float32 tensors and return float32,
 3. the custom ops ``torch.ops.rlhf_engine.gae``, ``masked_whiten`` and
-   ``group_advantages`` with fake kernels,
-4. the public functions (validation, dtype conversion, backend choice).
+   ``group_advantages`` with fake kernels: the public functions' arguments
+   and defaults; validation, dtype conversion and backend choice happen in
+   them,
+4. the public functions (Python-level argument checks, then the ops).
 
 None of the three is differentiable: their outputs are training targets
-(advantages, returns) or transformed targets. The public functions detach
-their inputs, and the results never require grad.
+(advantages, returns) or transformed targets. The ops detach their inputs,
+and the results never require grad.
 
 Kernels and their contract: ``csrc/include/rlhf_engine/advantages.h``
 (C++/CUDA) and ``kernels/advantages.py`` (Triton).
@@ -179,6 +181,51 @@ def _cuda_group_advantages(scores, group_size, normalize_std, eps):
 
 # 3. custom ops ----------------------------------------------------------------------
 
+def _gae_inputs(rewards, values, mask, gamma, lam, backend):
+    """Checked gae inputs: (rewards, values, bool mask, contiguous, detached, in
+    the compute dtype; gamma, lam; resolved backend)."""
+    checks.tensor("rewards", rewards, kind="float")
+    checks.tensor("values", values, kind="float")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    if values.shape != rewards.shape:
+        raise ValueError(f"values must have the shape of rewards {tuple(rewards.shape)}, got {tuple(values.shape)}")
+    mask = checks.mask("mask", mask, rewards.shape)
+    checks.same_device(rewards=rewards, values=values, mask=mask)
+    gamma, lam = _fraction("gamma", gamma), _fraction("lam", lam)
+    chosen, (rewards, values) = _prepare(backend, OP_GAE, rewards=rewards, values=values)
+    return rewards, values, mask.contiguous(), gamma, lam, chosen
+
+
+def _whiten_inputs(x, mask, eps, backend):
+    """Checked masked_whiten inputs: (x as contiguous [R, C] rows in the compute
+    dtype, mask as bool [R, C] rows, eps, resolved backend)."""
+    checks.tensor("x", x, kind="float")
+    mask = checks.mask("mask", mask, x.shape)
+    checks.same_device(x=x, mask=mask)
+    eps = _nonnegative("eps", eps)
+    chosen, (rows,) = _prepare(backend, OP_WHITEN, x=_as_rows(x))
+    return rows, _as_rows(mask).contiguous(), eps, chosen
+
+
+def _group_inputs(scores, group_size, eps, backend):
+    """Checked group_advantages inputs: (scores contiguous in the compute dtype, eps, resolved backend)."""
+    checks.tensor("scores", scores, kind="float")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [N], got shape {tuple(scores.shape)}")
+    _check_group_size(group_size)
+    if scores.shape[0] % group_size:
+        raise ValueError(f"scores length {scores.shape[0]} is not a multiple of group_size={group_size}")
+    eps = _nonnegative("eps", eps)
+    chosen, (scores,) = _prepare(backend, OP_GROUP, scores=scores)
+    return scores, eps, chosen
+
+
+def _check_group_size(group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+
+
 def _check_finite(name, x, mask):
     """Under debug_checks: NaN/inf at a valid position raises ValueError
     (masked positions are never read, so they may hold anything)."""
@@ -187,10 +234,10 @@ def _check_finite(name, x, mask):
 
 
 @torch.library.custom_op("rlhf_engine::gae", mutates_args=())
-def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) [B, T] from contiguous rewards, values [B, T]
-    (float32, or float64 on the torch backend) and a bool mask [B, T]."""
+def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 1.0,
+           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.gae``: the public op, (advantages, returns)."""
+    rewards, values, mask, gamma, lam, backend = _gae_inputs(rewards, values, mask, gamma, lam, backend)
     _check_finite("rewards", rewards, mask)
     _check_finite("values", values, mask)
     if rewards.numel() == 0:
@@ -199,29 +246,33 @@ def gae_op(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamm
 
 
 @gae_op.register_fake
-def _(rewards, values, mask, gamma, lam, backend):
+def _(rewards, values, mask, *, gamma=1.0, lam=1.0, backend="auto"):
+    rewards, *_ = _gae_inputs(rewards, values, mask, gamma, lam, backend)
     return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
 @torch.library.custom_op("rlhf_engine::masked_whiten", mutates_args=())
-def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float,
-                     backend: str) -> torch.Tensor:
-    """Whitened x (its shape) from a contiguous x [R, C] and bool mask [R, C]."""
-    _check_finite("x", x, mask)
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    return registry.get(OP_WHITEN, backend)(x, mask, shift_mean, eps)
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                     backend: str = "auto") -> torch.Tensor:
+    """``torch.ops.rlhf_engine.masked_whiten``: the public op."""
+    rows, mask_rows, eps, backend = _whiten_inputs(x, mask, eps, backend)
+    _check_finite("x", rows, mask_rows)
+    if rows.numel() == 0:
+        return torch.zeros_like(rows).view(x.shape)
+    return registry.get(OP_WHITEN, backend)(rows, mask_rows, shift_mean, eps).view(x.shape)
 
 
 @masked_whiten_op.register_fake
-def _(x, mask, shift_mean, eps, backend):
-    return torch.empty_like(x)
+def _(x, mask, *, shift_mean=True, eps=1e-8, backend="auto"):
+    rows, *_ = _whiten_inputs(x, mask, eps, backend)
+    return rows.new_empty(x.shape)
 
 
 @torch.library.custom_op("rlhf_engine::group_advantages", mutates_args=())
-def group_advantages_op(scores: torch.Tensor, group_size: int, normalize_std: bool, eps: float,
-                        backend: str) -> torch.Tensor:
-    """Group-relative advantages [N] from contiguous scores [N]."""
+def group_advantages_op(scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6,
+                        backend: str = "auto") -> torch.Tensor:
+    """``torch.ops.rlhf_engine.group_advantages``: the public op."""
+    scores, eps, backend = _group_inputs(scores, group_size, eps, backend)
     checks.finite("scores", scores)
     if scores.numel() == 0:
         return torch.zeros_like(scores)
@@ -229,8 +280,21 @@ def group_advantages_op(scores: torch.Tensor, group_size: int, normalize_std: bo
 
 
 @group_advantages_op.register_fake
-def _(scores, group_size, normalize_std, eps, backend):
+def _(scores, group_size, *, normalize_std=True, eps=1e-6, backend="auto"):
+    scores, *_ = _group_inputs(scores, group_size, eps, backend)
     return torch.empty_like(scores)
+
+
+def _not_differentiable(ctx, inputs, keyword_only_inputs, output):
+    ctx.mark_non_differentiable(*((output,) if isinstance(output, torch.Tensor) else output))
+
+
+def _no_gradient(ctx, *grads):
+    return (None,) * len(ctx.needs_input_grad)
+
+
+for _op in (gae_op, masked_whiten_op, group_advantages_op):  # targets: outputs never require grad
+    _op.register_autograd(_no_gradient, setup_context=_not_differentiable)
 
 
 # 4. public functions ----------------------------------------------------------------
@@ -293,15 +357,9 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0, backend="auto"):
     """
     checks.tensor("rewards", rewards, kind="float")
     checks.tensor("values", values, kind="float")
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
-    if values.shape != rewards.shape:
-        raise ValueError(f"values must have the shape of rewards {tuple(rewards.shape)}, got {tuple(values.shape)}")
-    mask = checks.mask("mask", mask, rewards.shape)
-    checks.same_device(rewards=rewards, values=values, mask=mask)
+    checks.tensor("mask", mask)
     gamma, lam = _fraction("gamma", gamma), _fraction("lam", lam)
-    chosen, (rewards, values) = _prepare(backend, OP_GAE, rewards=rewards, values=values)
-    return gae_op(rewards, values, mask.contiguous(), gamma, lam, chosen)
+    return gae_op(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
 
 
 def _as_rows(x):
@@ -333,11 +391,9 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8, backend="auto"):
         ``debug_checks(True)``); masked positions are never read.
     """
     checks.tensor("x", x, kind="float")
-    mask = checks.mask("mask", mask, x.shape)
-    checks.same_device(x=x, mask=mask)
+    checks.tensor("mask", mask)
     eps = _nonnegative("eps", eps)
-    chosen, (rows,) = _prepare(backend, OP_WHITEN, x=_as_rows(x))
-    return masked_whiten_op(rows, _as_rows(mask).contiguous(), bool(shift_mean), eps, chosen).view(x.shape)
+    return masked_whiten_op(x, mask, shift_mean=bool(shift_mean), eps=eps, backend=backend)
 
 
 def group_advantages(scores, group_size, *, normalize_std=True, eps=1e-6, backend="auto"):
@@ -362,12 +418,6 @@ def group_advantages(scores, group_size, *, normalize_std=True, eps=1e-6, backen
         ``debug_checks(True)``).
     """
     checks.tensor("scores", scores, kind="float")
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be [N], got shape {tuple(scores.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if scores.shape[0] % group_size:
-        raise ValueError(f"scores length {scores.shape[0]} is not a multiple of group_size={group_size}")
+    _check_group_size(group_size)
     eps = _nonnegative("eps", eps)
-    chosen, (scores,) = _prepare(backend, OP_GROUP, scores=scores)
-    return group_advantages_op(scores, group_size, bool(normalize_std), eps, chosen)
+    return group_advantages_op(scores, group_size, normalize_std=bool(normalize_std), eps=eps, backend=backend)

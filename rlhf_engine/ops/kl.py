@@ -15,8 +15,10 @@ Layout of this module, top to bottom:
    each row (-1 for none), saved for backward,
 3. the custom ops ``torch.ops.rlhf_engine.kl_penalty``,
    ``kl_penalty_backward`` and ``kl_shaped_rewards`` with fake kernels and
-   autograd,
-4. the public functions :func:`kl_penalty` and :func:`kl_shaped_rewards`.
+   autograd; the two public ones take the public functions' arguments and
+   defaults, and validate, convert and choose the backend themselves,
+4. the public functions :func:`kl_penalty` and :func:`kl_shaped_rewards`
+   (Python-level argument checks, then the ops).
 
 All inputs reach the kernels as contiguous float32 (the torch backend also
 takes float64); every op is one element-wise pass and saves only its inputs
@@ -192,18 +194,33 @@ def _flat(t):
     return None if t is None else t.reshape(-1).contiguous()
 
 
+def _penalty_inputs(logprobs, ref_logprobs, estimator, backend):
+    """Checked kl_penalty inputs: (lp, ref in the compute dtype, canonical estimator, resolved backend)."""
+    estimator = _canonical_estimator(estimator)
+    dtype = _compute_dtype(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if ref_logprobs.shape != logprobs.shape:
+        raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
+                         f"got {tuple(ref_logprobs.shape)}")
+    backend = registry.resolve(OP, backend, logprobs.device, dtype)
+    return logprobs.to(dtype), ref_logprobs.to(dtype), estimator, backend
+
+
 @torch.library.custom_op("rlhf_engine::kl_penalty", mutates_args=())
-def kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, backend: str) -> torch.Tensor:
-    """kl(logprobs - ref_logprobs) of the canonical ``estimator``, shape and dtype of ``logprobs``."""
-    checks.finite("logprobs", logprobs)
-    checks.finite("ref_logprobs", ref_logprobs)
-    out = registry.get(OP, backend)(_flat(logprobs), _flat(ref_logprobs), estimator)
+def kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
+                  backend: str = "auto") -> torch.Tensor:
+    """``torch.ops.rlhf_engine.kl_penalty``: the public op, float32 (float64
+    for float64 inputs) of the shape of ``logprobs``."""
+    lp, ref, estimator, backend = _penalty_inputs(logprobs, ref_logprobs, estimator, backend)
+    checks.finite("logprobs", lp)
+    checks.finite("ref_logprobs", ref)
+    out = registry.get(OP, backend)(_flat(lp), _flat(ref), estimator)
     return out.view(logprobs.shape)
 
 
 @kl_penalty_op.register_fake
-def _(logprobs, ref_logprobs, estimator, backend):
-    return logprobs.new_empty(logprobs.shape)
+def _(logprobs, ref_logprobs, *, estimator="k1", backend="auto"):
+    lp, *_ = _penalty_inputs(logprobs, ref_logprobs, estimator, backend)
+    return lp.new_empty(lp.shape)
 
 
 @torch.library.custom_op("rlhf_engine::kl_penalty_backward", mutates_args=())
@@ -212,7 +229,8 @@ def kl_penalty_backward_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logpr
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logprobs, grad_ref_logprobs), shape and dtype of ``logprobs``:
     ``where(mask, scale * grad * dkl/dd, 0)`` and its negative (``mask`` None:
-    everywhere)."""
+    everywhere). Takes the canonical estimator, a resolved backend and
+    logprobs, ref_logprobs of the compute dtype."""
     g_lp, g_ref = registry.get(OP_BACKWARD, backend)(
         _flat(grad.to(logprobs.dtype)), _flat(logprobs), _flat(ref_logprobs), _flat(mask), scale, estimator)
     return g_lp.view(logprobs.shape), g_ref.view(logprobs.shape)
@@ -223,43 +241,65 @@ def _(grad, logprobs, ref_logprobs, mask, scale, estimator, backend):
     return logprobs.new_empty(logprobs.shape), logprobs.new_empty(logprobs.shape)
 
 
-def _penalty_setup_context(ctx, inputs, output):
-    logprobs, ref_logprobs, estimator, backend = inputs
-    ctx.save_for_backward(logprobs, ref_logprobs)
-    ctx.args = (estimator, backend)
+def _penalty_setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.args = (keyword_only_inputs["estimator"], keyword_only_inputs["backend"])
 
 
 def _penalty_backward(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
-    estimator, backend = ctx.args
-    g_lp, g_ref = kl_penalty_backward_op(grad, logprobs, ref_logprobs, None, 1.0, estimator, backend)
-    return g_lp, g_ref, None, None
+    lp, ref, estimator, backend = _penalty_inputs(logprobs, ref_logprobs, *ctx.args)
+    g_lp, g_ref = kl_penalty_backward_op(grad, lp, ref, None, 1.0, estimator, backend)
+    return g_lp.to(logprobs.dtype), g_ref.to(ref_logprobs.dtype)
 
 
 kl_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
 
 
+def _shaped_inputs(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, backend):
+    """Checked kl_shaped_rewards inputs: (scores, lp, ref contiguous in the
+    compute dtype, mask contiguous bool, kl_coef, canonical estimator,
+    resolved backend)."""
+    estimator = _canonical_estimator(estimator)
+    kl_coef = _finite_number("kl_coef", kl_coef)
+    dtype = _compute_dtype(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    if ref_logprobs.shape != logprobs.shape:
+        raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
+                         f"got {tuple(ref_logprobs.shape)}")
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(f"scores must be [B] = {tuple(logprobs.shape[:1])}, got {tuple(scores.shape)}")
+    mask = checks.mask("mask", mask, logprobs.shape)
+    checks.same_device(scores=scores, logprobs=logprobs, mask=mask)
+    backend = registry.resolve(OP_SHAPED, backend, logprobs.device, dtype)
+    tensors = (t.to(dtype).contiguous() for t in (scores, logprobs, ref_logprobs))
+    return (*tensors, mask.contiguous(), kl_coef, estimator, backend)
+
+
 @torch.library.custom_op("rlhf_engine::kl_shaped_rewards", mutates_args=())
 def kl_shaped_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         mask: torch.Tensor, kl_coef: float, estimator: str,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rewards [B, T] of the dtype of ``logprobs``, last [B] int64: the last
-    valid index of each row, -1 for none). ``mask`` is bool [B, T]."""
-    for name, t in (("scores", scores), ("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+                         mask: torch.Tensor, *, kl_coef: float, estimator: str = "k1",
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.kl_shaped_rewards``: the public op; returns
+    (rewards [B, T] float32 (float64 for float64 inputs), last [B] int64: the
+    last valid index of each row, -1 for none)."""
+    scores, lp, ref, mask, kl_coef, estimator, backend = _shaped_inputs(
+        scores, logprobs, ref_logprobs, mask, kl_coef, estimator, backend)
+    for name, t in (("scores", scores), ("logprobs", lp), ("ref_logprobs", ref)):
         checks.finite(name, t)
-    return registry.get(OP_SHAPED, backend)(scores.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(),
-                                            mask.contiguous(), kl_coef, estimator)
+    return registry.get(OP_SHAPED, backend)(scores, lp, ref, mask, kl_coef, estimator)
 
 
 @kl_shaped_rewards_op.register_fake
-def _(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, backend):
-    return logprobs.new_empty(logprobs.shape), logprobs.new_empty(logprobs.shape[:1], dtype=torch.int64)
+def _(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1", backend="auto"):
+    _, lp, *_ = _shaped_inputs(scores, logprobs, ref_logprobs, mask, kl_coef, estimator, backend)
+    return lp.new_empty(lp.shape), lp.new_empty(lp.shape[:1], dtype=torch.int64)
 
 
-def _shaped_setup_context(ctx, inputs, output):
-    _, logprobs, ref_logprobs, mask, kl_coef, estimator, backend = inputs
-    ctx.save_for_backward(logprobs, ref_logprobs, mask, output[1])
-    ctx.args = (kl_coef, estimator, backend)
+def _shaped_setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.args = (keyword_only_inputs["kl_coef"], keyword_only_inputs["estimator"], keyword_only_inputs["backend"])
 
 
 def _at_last(grad, last):
@@ -270,10 +310,12 @@ def _at_last(grad, last):
 
 
 def _shaped_backward(ctx, grad, _grad_last):
-    logprobs, ref_logprobs, mask, last = ctx.saved_tensors
-    kl_coef, estimator, backend = ctx.args
-    g_lp, g_ref = kl_penalty_backward_op(grad, logprobs, ref_logprobs, mask, -kl_coef, estimator, backend)
-    return _at_last(grad.to(logprobs.dtype), last), g_lp, g_ref, None, None, None, None
+    scores, logprobs, ref_logprobs, mask, last = ctx.saved_tensors
+    _, lp, ref, bool_mask, kl_coef, estimator, backend = _shaped_inputs(scores, logprobs, ref_logprobs, mask,
+                                                                        *ctx.args)
+    g_lp, g_ref = kl_penalty_backward_op(grad, lp, ref, bool_mask, -kl_coef, estimator, backend)
+    g_scores = _at_last(grad.to(lp.dtype), last)
+    return g_scores.to(scores.dtype), g_lp.to(logprobs.dtype), g_ref.to(ref_logprobs.dtype), None
 
 
 kl_shaped_rewards_op.register_autograd(_shaped_backward, setup_context=_shaped_setup_context)
@@ -324,12 +366,9 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator="k1", backend="auto"):
         under ``debug_checks(True)`` NaN or inf inputs raise ValueError.
     """
     estimator = _canonical_estimator(estimator)
-    dtype = _compute_dtype(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    if ref_logprobs.shape != logprobs.shape:
-        raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
-                         f"got {tuple(ref_logprobs.shape)}")
-    chosen = registry.resolve(OP, backend, logprobs.device, dtype)
-    return kl_penalty_op(logprobs.to(dtype), ref_logprobs.to(dtype), estimator, chosen)
+    checks.tensor("logprobs", logprobs, kind="float")
+    checks.tensor("ref_logprobs", ref_logprobs, kind="float")
+    return kl_penalty_op(logprobs, ref_logprobs, estimator=estimator, backend=backend)
 
 
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1", backend="auto"):
@@ -366,17 +405,9 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimato
     """
     estimator = _canonical_estimator(estimator)
     kl_coef = _finite_number("kl_coef", kl_coef)
-    dtype = _compute_dtype(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs)
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    if ref_logprobs.shape != logprobs.shape:
-        raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
-                         f"got {tuple(ref_logprobs.shape)}")
-    if scores.shape != logprobs.shape[:1]:
-        raise ValueError(f"scores must be [B] = {tuple(logprobs.shape[:1])}, got {tuple(scores.shape)}")
-    mask = checks.mask("mask", mask, logprobs.shape)
-    checks.same_device(scores=scores, logprobs=logprobs, mask=mask)
-    chosen = registry.resolve(OP_SHAPED, backend, logprobs.device, dtype)
-    rewards, _ = kl_shaped_rewards_op(scores.to(dtype), logprobs.to(dtype), ref_logprobs.to(dtype), mask, kl_coef,
-                                      estimator, chosen)
+    for name, t in (("scores", scores), ("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        checks.tensor(name, t, kind="float")
+    checks.tensor("mask", mask)
+    rewards, _ = kl_shaped_rewards_op(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator,
+                                      backend=backend)
     return rewards

@@ -18,8 +18,10 @@ Layout of this module, top to bottom:
    through torch (BLAS / cuBLAS), the log-prob work through the backend's
    ``token_logprobs`` kernels (rlhf_engine/ops/logprobs.py). Fusing the
    log-softmax into the matmul's epilogue on GPUs is future work;
-3. the custom ops ``torch.ops.rlhf_engine.linear_token_logprobs`` and
-   ``linear_token_logprobs_backward`` with fake kernels and autograd;
+3. the custom ops ``torch.ops.rlhf_engine.linear_token_logprobs`` (the
+   public op's arguments and defaults; validation and backend choice happen
+   in it) and ``linear_token_logprobs_backward``, with fake kernels and
+   autograd;
 4. the chunk size chosen from free memory, and the public function.
 
 Forward saves only hidden, weight, bias, labels and per-row statistics
@@ -28,6 +30,7 @@ weight and bias gradients accumulate in float32 across chunks (float64 for
 float64 inputs) whatever the parameter dtype, and are cast once at the end.
 The chunk loops have trip counts fixed by the shapes: no host syncs.
 """
+import math
 import os
 from typing import Optional
 
@@ -158,61 +161,92 @@ def _backward(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entr
 
 
 # 3. custom ops ----------------------------------------------------------------------
+# Both take hidden [..., H] and labels hidden.shape[:-1] (the rows are formed
+# here) and a chunk size or None (picked from the free memory when the op runs).
+
+def _rows(hidden, labels):
+    """hidden [..., H] -> [N, H] (a view when possible), labels -> contiguous [N]."""
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).contiguous()
+
+
+def _chunk_size(chunk_size, n, weight):
+    return default_chunk_size(n, weight.shape[0], str(weight.device)) if chunk_size is None else chunk_size
+
 
 @torch.library.custom_op("rlhf_engine::linear_token_logprobs", mutates_args=())
-def linear_token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool,
-                             chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [N, H], weight [V, H], bias [V] or None, labels [N] ->
-    (logp [N], entropy [N] or [0], stats [N, 2]), float32 (float64 for float64 inputs)."""
+def linear_token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             bias: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+                             ignore_index: int = -100, return_entropy: bool = False,
+                             chunk_size: Optional[int] = None,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.linear_token_logprobs``: the public op's
+    arguments (``bias`` may also be passed positionally); returns (logp,
+    entropy, stats): logp and entropy of ``labels.shape`` (entropy empty [0]
+    unless ``return_entropy``), stats ``labels.shape + (2,)``; float32
+    (float64 for float64 inputs)."""
+    temperature = check_inputs(hidden, weight, labels, bias, chunk_size, temperature, ignore_index)
+    backend = registry.resolve(OP, backend, hidden.device, hidden.dtype)
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         checks.finite(name, t)
-    logprobs._check_label_values(labels, weight.shape[0], ignore_index)
-    return _forward(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_size, backend)
+    rows, flat_labels = _rows(hidden, labels)
+    logprobs._check_label_values(flat_labels, weight.shape[0], ignore_index)
+    logp, entropy, stats = _forward(rows, weight, bias, flat_labels, temperature, ignore_index, return_entropy,
+                                    _chunk_size(chunk_size, rows.shape[0], weight), backend)
+    shape = labels.shape
+    return logp.view(shape), entropy.view(shape) if return_entropy else entropy, stats.view(*shape, 2)
 
 
 @linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_size, backend):
-    n, dtype = hidden.shape[0], _acc_dtype(hidden)
-    return (hidden.new_empty(n, dtype=dtype), hidden.new_empty(n if compute_entropy else 0, dtype=dtype),
-            hidden.new_empty((n, 2), dtype=dtype))
+def _(hidden, weight, labels, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+      chunk_size=None, backend="auto"):
+    check_inputs(hidden, weight, labels, bias, chunk_size, temperature, ignore_index)
+    shape, dtype = labels.shape, _acc_dtype(hidden)
+    return (hidden.new_empty(shape, dtype=dtype), hidden.new_empty(shape if return_entropy else (0,), dtype=dtype),
+            hidden.new_empty((*shape, 2), dtype=dtype))
 
 
 @torch.library.custom_op("rlhf_engine::linear_token_logprobs_backward", mutates_args=())
 def linear_token_logprobs_backward_op(
         grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor, weight: torch.Tensor,
         bias: Optional[torch.Tensor], labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
-        temperature: float, ignore_index: int, chunk_size: int,
+        temperature: float, ignore_index: int, chunk_size: Optional[int],
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_hidden [N, H], grad_weight [V, H], grad_bias [V], or [0] without bias)."""
-    return _backward(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
-                     ignore_index, chunk_size, backend)
+    """(grad_hidden of hidden's shape, grad_weight [V, H], grad_bias [V], or [0]
+    without bias); ``backend`` a resolved one."""
+    rows, flat_labels = _rows(hidden, labels)
+    flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
+    grad_hidden, grad_weight, grad_bias = _backward(
+        flat(grad_logp), flat(grad_entropy), rows, weight, bias, flat_labels, stats.reshape(-1, 2), flat(entropy),
+        temperature, ignore_index, _chunk_size(chunk_size, rows.shape[0], weight), backend)
+    return grad_hidden.view(hidden.shape), grad_weight, grad_bias
 
 
 @linear_token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
       chunk_size, backend):
-    return (torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight),
+    return (hidden.new_empty(hidden.shape), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if bias is not None else 0))
 
 
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, compute_entropy, chunk_size, backend = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    hidden, weight, labels, bias = inputs
+    kw = keyword_only_inputs
     _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy if compute_entropy else None)
-    ctx.args = (temperature, ignore_index, compute_entropy, chunk_size, backend)
+    ctx.save_for_backward(hidden, weight, bias, labels, stats, entropy if kw["return_entropy"] else None)
+    backend = registry.resolve(OP, kw["backend"], hidden.device, hidden.dtype)
+    ctx.args = (float(kw["temperature"]), kw["ignore_index"], kw["return_entropy"], kw["chunk_size"], backend)
 
 
 def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats):
     hidden, weight, bias, labels, stats, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, chunk_size, backend = ctx.args
+    temperature, ignore_index, return_entropy, chunk_size, backend = ctx.args
     dtype = stats.dtype
     grad_logp = stats.new_zeros(labels.shape) if grad_logp is None else grad_logp.to(dtype).contiguous()
-    grad_entropy = None if not compute_entropy or grad_entropy is None else grad_entropy.to(dtype).contiguous()
+    grad_entropy = None if not return_entropy or grad_entropy is None else grad_entropy.to(dtype).contiguous()
     grad_hidden, grad_weight, grad_bias = linear_token_logprobs_backward_op(
         grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature, ignore_index,
         chunk_size, backend)
-    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None, None, None
+    return grad_hidden, grad_weight, None, grad_bias if bias is not None else None
 
 
 linear_token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -253,7 +287,9 @@ def default_chunk_size(n, vocab, device):
     return max(1, min(rows, n))
 
 
-def _check_inputs(hidden, weight, labels, bias, chunk_size):
+def check_inputs(hidden, weight, labels, bias, chunk_size, temperature, ignore_index):
+    """Static checks of the inputs (ValueError naming the argument), run by the
+    public function, the custom op and its fake kernel; the temperature as a float."""
     checks.tensor("hidden", hidden, kind="float")
     checks.tensor("weight", weight, kind="float")
     checks.tensor("labels", labels, dtypes=_LABEL_DTYPES)
@@ -276,6 +312,9 @@ def _check_inputs(hidden, weight, labels, bias, chunk_size):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return checks.positive_float("temperature", temperature)
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
@@ -306,16 +345,10 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         ValueError under ``debug_checks(True)``). Labels outside ``[0, V)``
         raise ValueError on CPU tensors; on GPU tensors they give NaN.
     """
-    _check_inputs(hidden, weight, labels, bias, chunk_size)
-    temperature = checks.positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    chosen = registry.resolve(OP, backend, hidden.device, hidden.dtype)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1).contiguous()
+    temperature = check_inputs(hidden, weight, labels, bias, chunk_size, temperature, ignore_index)
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows.shape[0], weight.shape[0], str(hidden.device))
-    logp, entropy, _ = linear_token_logprobs_op(rows, weight, bias, flat_labels, temperature, ignore_index,
-                                                bool(return_entropy), chunk_size, chosen)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+        chunk_size = default_chunk_size(math.prod(labels.shape), weight.shape[0], str(hidden.device))
+    logp, entropy, _ = linear_token_logprobs_op(hidden, weight, labels, bias, temperature=temperature,
+                                                ignore_index=ignore_index, return_entropy=bool(return_entropy),
+                                                chunk_size=chunk_size, backend=backend)
+    return (logp, entropy) if return_entropy else logp

@@ -8,9 +8,10 @@ Layout of this module, top to bottom:
    -> (logp [N], entropy [N] or [0], stats [N, 2])`` and
    ``backward(g_logp [N], g_ent [N] or None, rows, labels, stats, entropy, T,
    ignore_index) -> grad [N, V]`` (contiguous, dtype of the logits),
-3. the custom ops ``torch.ops.rlhf_engine.token_logprobs`` and
-   ``token_logprobs_backward`` with fake kernels and autograd,
-4. the public function :func:`token_logprobs` (validation, backend choice).
+3. the custom ops ``torch.ops.rlhf_engine.token_logprobs`` (the public op's
+   arguments and defaults; validation and backend choice happen in it) and
+   ``token_logprobs_backward``, with fake kernels and autograd,
+4. the public function :func:`token_logprobs` (the op's first outputs).
 
 Only per-row statistics (a shift and a log-sum, the entropy) are saved for
 backward.
@@ -201,28 +202,54 @@ def _check_label_values(labels, vocab, ignore_index):
             f"{int(bad.sum())} are not (first: {first})")
 
 
+def check_inputs(logits, labels, temperature, ignore_index):
+    """Static checks of token_logprobs' inputs (ValueError naming the argument);
+    run by the public function, the custom op and its fake kernel."""
+    checks.tensor("logits", logits, kind="float")
+    checks.tensor("labels", labels, dtypes=_LABEL_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    checks.same_device(logits=logits, labels=labels)
+    temperature = checks.positive_float("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return temperature
+
+
+def _out_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("rlhf_engine::token_logprobs", mutates_args=())
-def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                      compute_entropy: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, stats): logp and entropy float32 of ``labels.shape``
-    (entropy is empty [0] unless ``compute_entropy``); stats
+def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                      ignore_index: int = -100, return_entropy: bool = False,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.token_logprobs``: the public op's arguments;
+    returns (logp, entropy, stats): logp and entropy float32 of
+    ``labels.shape`` (entropy is empty [0] unless ``return_entropy``); stats
     ``labels.shape + (2,)``, the per-row statistics backward needs (see
     section 1)."""
+    temperature = check_inputs(logits, labels, temperature, ignore_index)
+    backend = registry.resolve(OP, backend, logits.device, logits.dtype)
     rows, flat_labels = _as_rows(logits, labels)
     _check_label_values(flat_labels, rows.shape[1], ignore_index)
     forward = registry.get(OP, backend)
-    logp, entropy, stats = forward(rows, flat_labels, temperature, ignore_index, compute_entropy)
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp, entropy, stats = forward(rows, flat_labels, temperature, ignore_index, return_entropy)
+    out_dtype = _out_dtype(logits)
     shape = labels.shape
-    entropy = entropy.to(out_dtype).view(shape) if compute_entropy else entropy.to(out_dtype)
+    entropy = entropy.to(out_dtype).view(shape) if return_entropy else entropy.to(out_dtype)
     return logp.to(out_dtype).view(shape), entropy, stats.to(out_dtype).view(*shape, 2)
 
 
 @token_logprobs_op.register_fake
-def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+def _(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto"):
+    check_inputs(logits, labels, temperature, ignore_index)
+    dtype = _out_dtype(logits)
     logp = logits.new_empty(labels.shape, dtype=dtype)
-    entropy = logits.new_empty(labels.shape if compute_entropy else (0,), dtype=dtype)
+    entropy = logits.new_empty(labels.shape if return_entropy else (0,), dtype=dtype)
     return logp, entropy, logits.new_empty((*labels.shape, 2), dtype=dtype)
 
 
@@ -230,7 +257,7 @@ def _(logits, labels, temperature, ignore_index, compute_entropy, backend):
 def token_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
                                labels: torch.Tensor, stats: torch.Tensor, entropy: Optional[torch.Tensor],
                                temperature: float, ignore_index: int, backend: str) -> torch.Tensor:
-    """Gradient w.r.t. ``logits`` (its shape and dtype, contiguous)."""
+    """Gradient w.r.t. ``logits`` (its shape and dtype, contiguous); ``backend`` a resolved one."""
     rows, flat_labels = _as_rows(logits, labels)
     flat = lambda t: None if t is None else t.reshape(-1).contiguous()  # noqa: E731
     backward = registry.get(OP_BACKWARD, backend)
@@ -244,22 +271,24 @@ def _(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, igno
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, compute_entropy, backend = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    logits, labels = inputs
+    kw = keyword_only_inputs
     _, entropy, stats = output
-    ctx.save_for_backward(logits, labels, stats, entropy if compute_entropy else None)
-    ctx.args = (temperature, ignore_index, compute_entropy, backend)
+    ctx.save_for_backward(logits, labels, stats, entropy if kw["return_entropy"] else None)
+    backend = registry.resolve(OP, kw["backend"], logits.device, logits.dtype)
+    ctx.args = (float(kw["temperature"]), kw["ignore_index"], kw["return_entropy"], backend)
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_stats):
     logits, labels, stats, entropy = ctx.saved_tensors
-    temperature, ignore_index, compute_entropy, backend = ctx.args
+    temperature, ignore_index, return_entropy, backend = ctx.args
     dtype = stats.dtype
     grad_logp = stats.new_zeros(labels.shape) if grad_logp is None else grad_logp.to(dtype)
-    grad_entropy = None if not compute_entropy or grad_entropy is None else grad_entropy.to(dtype)
+    grad_entropy = None if not return_entropy or grad_entropy is None else grad_entropy.to(dtype)
     grad = token_logprobs_backward_op(grad_logp, grad_entropy, logits, labels, stats, entropy,
                                       temperature, ignore_index, backend)
-    return grad, None, None, None, None, None
+    return grad, None
 
 
 token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -286,17 +315,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         Labels outside ``[0, V)`` raise ValueError on CPU tensors; on GPU
         tensors they give NaN (ValueError under ``debug_checks(True)``).
     """
-    checks.tensor("logits", logits, kind="float")
-    checks.tensor("labels", labels, dtypes=_LABEL_DTYPES)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must be [..., V] with V > 0, got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(labels.shape)}")
-    checks.same_device(logits=logits, labels=labels)
-    temperature = checks.positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    chosen = registry.resolve(OP, backend, logits.device, logits.dtype)
-    logp, entropy, _ = token_logprobs_op(logits, labels, temperature, ignore_index, bool(return_entropy), chosen)
+    temperature = check_inputs(logits, labels, temperature, ignore_index)
+    logp, entropy, _ = token_logprobs_op(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=bool(return_entropy), backend=backend)
     return (logp, entropy) if return_entropy else logp

@@ -14,8 +14,11 @@ Layout of this module, top to bottom:
    grad_rejected [N])``,
 3. the custom ops ``torch.ops.rlhf_engine.ppo_policy_loss``,
    ``ppo_value_loss`` and ``pairwise_reward_loss`` (and their
-   ``*_backward``), with fake kernels and autograd,
-4. the public functions (validation, backend choice).
+   ``*_backward``), with fake kernels and autograd; the three public ones
+   take the public functions' arguments and defaults (plus ``normalizer``),
+   and validate, convert and choose the backend themselves,
+4. the public functions (Python-level arguments: numbers for ``normalizer``
+   and ``margin``, the stats dict).
 
 The per-token math, the ``partials`` and ``stats`` layouts and the
 reductions are specified once, in ``csrc/include/rlhf_engine/losses.h``.
@@ -307,12 +310,14 @@ def _fake_forward(x):
 
 @torch.library.custom_op("rlhf_engine::ppo_policy_loss", mutates_args=())
 def ppo_policy_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                       mask: torch.Tensor, normalizer: Optional[torch.Tensor], clip_low: float, clip_high: float,
-                       dual_clip: float, agg: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], stats [4], partials [B, 5]) of [B, T] inputs (losses.h);
-    ``dual_clip`` 0 means off, ``agg`` is an index into AGGS."""
-    return _loss_forward("policy", logprobs, old_logprobs, advantages, mask, normalizer,
-                         (clip_low, clip_high, dual_clip), agg, backend)
+                       mask: torch.Tensor, normalizer: Optional[torch.Tensor] = None, *, clip_low: float = 0.2,
+                       clip_high: Optional[float] = None, dual_clip: Optional[float] = None, agg: str = "token-mean",
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.ppo_policy_loss``: the public op; returns (loss
+    [], stats [4] = (clipfrac, approx_kl, clipfrac_lower, the loss's divisor),
+    partials [B, 5]) (losses.h)."""
+    return _loss_forward("policy", *_loss_inputs("policy", logprobs, old_logprobs, advantages, mask, normalizer,
+                                                 (clip_low, clip_high, dual_clip), agg, backend))
 
 
 @torch.library.custom_op("rlhf_engine::ppo_policy_loss_backward", mutates_args=())
@@ -320,36 +325,42 @@ def ppo_policy_loss_backward_op(grad_loss: torch.Tensor, logprobs: torch.Tensor,
                                 advantages: torch.Tensor, mask: torch.Tensor, partials: torch.Tensor,
                                 stats: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float, agg: int,
                                 backend: str) -> torch.Tensor:
-    """Gradient w.r.t. ``logprobs`` [B, T]."""
+    """Gradient w.r.t. ``logprobs`` [B, T], from prepared inputs (:func:`_loss_inputs`)."""
     return _loss_backward("policy", grad_loss, logprobs, old_logprobs, advantages, mask, partials, stats,
                           (clip_low, clip_high, dual_clip), agg, backend)
 
 
 @torch.library.custom_op("rlhf_engine::ppo_value_loss", mutates_args=())
 def ppo_value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                      normalizer: Optional[torch.Tensor], clip: float, agg: int,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], stats [4], partials [B, 5]) of [B, T] inputs (losses.h)."""
-    return _loss_forward("value", values, old_values, returns, mask, normalizer, (clip,), agg, backend)
+                      normalizer: Optional[torch.Tensor] = None, *, clip: float = 0.2, agg: str = "token-mean",
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.ppo_value_loss``: the public op; returns (loss [],
+    stats [4] = (clipfrac, 0, 0, the loss's divisor), partials [B, 5]) (losses.h)."""
+    return _loss_forward("value", *_loss_inputs("value", values, old_values, returns, mask, normalizer, (clip,), agg,
+                                                backend))
 
 
 @torch.library.custom_op("rlhf_engine::ppo_value_loss_backward", mutates_args=())
 def ppo_value_loss_backward_op(grad_loss: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
                                returns: torch.Tensor, mask: torch.Tensor, partials: torch.Tensor,
                                stats: torch.Tensor, clip: float, agg: int, backend: str) -> torch.Tensor:
-    """Gradient w.r.t. ``values`` [B, T]."""
+    """Gradient w.r.t. ``values`` [B, T], from prepared inputs (:func:`_loss_inputs`)."""
     return _loss_backward("value", grad_loss, values, old_values, returns, mask, partials, stats, (clip,), agg,
                           backend)
 
 
 @ppo_policy_loss_op.register_fake
-def _(logprobs, old_logprobs, advantages, mask, normalizer, clip_low, clip_high, dual_clip, agg, backend):
-    return _fake_forward(logprobs)
+def _(logprobs, old_logprobs, advantages, mask, normalizer=None, *, clip_low=0.2, clip_high=None, dual_clip=None,
+      agg="token-mean", backend="auto"):
+    x, *_ = _loss_inputs("policy", logprobs, old_logprobs, advantages, mask, normalizer,
+                         (clip_low, clip_high, dual_clip), agg, backend)
+    return _fake_forward(x)
 
 
 @ppo_value_loss_op.register_fake
-def _(values, old_values, returns, mask, normalizer, clip, agg, backend):
-    return _fake_forward(values)
+def _(values, old_values, returns, mask, normalizer=None, *, clip=0.2, agg="token-mean", backend="auto"):
+    x, *_ = _loss_inputs("value", values, old_values, returns, mask, normalizer, (clip,), agg, backend)
+    return _fake_forward(x)
 
 
 @ppo_policy_loss_backward_op.register_fake
@@ -362,33 +373,39 @@ def _(grad_loss, values, *args):
     return torch.empty_like(values, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
     _, stats, partials = output
     ctx.mark_non_differentiable(stats, partials)
-    ctx.save_for_backward(*inputs[:4], partials, stats)
-    ctx.args = inputs[5:]  # the hyper-parameters, agg and backend
+    ctx.save_for_backward(*inputs[:4], partials, stats)  # not the normalizer: stats[3] is the divisor
+    ctx.args = keyword_only_inputs
 
 
-def _policy_backward(ctx, grad_loss, _grad_stats, _grad_partials):
-    x, old, target, mask, partials, stats = ctx.saved_tensors
-    grad = ppo_policy_loss_backward_op(grad_loss, x, old, target, mask, partials, stats, *ctx.args)
-    return grad, None, None, None, None, None, None, None, None, None
+def _autograd_backward(kind, backward_op):
+    """The autograd formula of the ``kind`` loss: the gradient w.r.t. its first
+    input, through ``backward_op`` on the inputs prepared as in forward."""
+    def backward(ctx, grad_loss, _grad_stats, _grad_partials):
+        *inputs, partials, stats = ctx.saved_tensors
+        kw = ctx.args
+        x, old, target, mask, _, params, agg, backend = _loss_inputs(
+            kind, *inputs, None, [kw[name] for name in _PARAM_NAMES[kind]], kw["agg"], kw["backend"])
+        grad = backward_op(grad_loss, x, old, target, mask, partials, stats, *params, agg, backend)
+        return grad.to(inputs[0].dtype), None, None, None, None
+
+    return backward
 
 
-def _value_backward(ctx, grad_loss, _grad_stats, _grad_partials):
-    x, old, target, mask, partials, stats = ctx.saved_tensors
-    grad = ppo_value_loss_backward_op(grad_loss, x, old, target, mask, partials, stats, *ctx.args)
-    return grad, None, None, None, None, None, None, None
-
-
-ppo_policy_loss_op.register_autograd(_policy_backward, setup_context=_setup_context)
-ppo_value_loss_op.register_autograd(_value_backward, setup_context=_setup_context)
+ppo_policy_loss_op.register_autograd(_autograd_backward("policy", ppo_policy_loss_backward_op),
+                                     setup_context=_setup_context)
+ppo_value_loss_op.register_autograd(_autograd_backward("value", ppo_value_loss_backward_op),
+                                    setup_context=_setup_context)
 
 
 @torch.library.custom_op("rlhf_engine::pairwise_reward_loss", mutates_args=())
-def pairwise_reward_loss_op(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor,
-                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [], accuracy []) of same-shaped scores and margin."""
+def pairwise_reward_loss_op(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None, *,
+                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.rlhf_engine.pairwise_reward_loss``: the public op (``margin``
+    None or a tensor broadcastable to the scores); returns (loss [], accuracy [])."""
+    chosen, rejected, margin, backend = _pairwise_inputs(chosen, rejected, margin, backend)
     checks.finite("chosen", chosen)
     checks.finite("rejected", rejected)
     return registry.get(PAIRWISE_OP, backend)(*_flat(chosen, rejected, margin))
@@ -397,7 +414,8 @@ def pairwise_reward_loss_op(chosen: torch.Tensor, rejected: torch.Tensor, margin
 @torch.library.custom_op("rlhf_engine::pairwise_reward_loss_backward", mutates_args=())
 def pairwise_reward_loss_backward_op(grad_loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
                                      margin: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. ``chosen`` and ``rejected`` (their shape)."""
+    """Gradients w.r.t. ``chosen`` and ``rejected`` (their shape), from prepared
+    inputs (:func:`_pairwise_inputs`)."""
     backward = registry.get(_backward_op_name(PAIRWISE_OP), backend)
     grads = backward(grad_loss.to(chosen.dtype).reshape(()).contiguous(), *_flat(chosen, rejected, margin))
     return tuple(g.reshape(chosen.shape) for g in grads)
@@ -409,7 +427,8 @@ def _flat(*tensors):
 
 
 @pairwise_reward_loss_op.register_fake
-def _(chosen, rejected, margin, backend):
+def _(chosen, rejected, margin=None, *, backend="auto"):
+    chosen, *_ = _pairwise_inputs(chosen, rejected, margin, backend)
     return chosen.new_empty(()), chosen.new_empty(())
 
 
@@ -419,15 +438,17 @@ def _(grad_loss, chosen, rejected, margin, backend):
             torch.empty_like(chosen, memory_format=torch.contiguous_format))
 
 
-def _pairwise_setup(ctx, inputs, output):
+def _pairwise_setup(ctx, inputs, keyword_only_inputs, output):
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*inputs[:3])
-    ctx.backend = inputs[3]
+    ctx.save_for_backward(*inputs)
+    ctx.backend = keyword_only_inputs["backend"]
 
 
 def _pairwise_backward(ctx, grad_loss, _grad_accuracy):
-    grad_chosen, grad_rejected = pairwise_reward_loss_backward_op(grad_loss, *ctx.saved_tensors, ctx.backend)
-    return grad_chosen, grad_rejected, None, None
+    chosen, rejected, margin = ctx.saved_tensors
+    grad_chosen, grad_rejected = pairwise_reward_loss_backward_op(
+        grad_loss, *_pairwise_inputs(chosen, rejected, margin, ctx.backend))
+    return grad_chosen.to(chosen.dtype), grad_rejected.to(rejected.dtype), None
 
 
 pairwise_reward_loss_op.register_autograd(_pairwise_backward, setup_context=_pairwise_setup)
@@ -489,6 +510,47 @@ def _prepare(kind, tensors, mask, normalizer, backend):
     return tensors, mask, _normalizer(normalizer, tensors[0].device, dtype), chosen
 
 
+_PARAM_NAMES = {"policy": ("clip_low", "clip_high", "dual_clip"), "value": ("clip",)}
+
+
+def _policy_params(clip_low, clip_high, dual_clip):
+    """(clip_low, clip_high, dual_clip or 0) checked, as floats."""
+    clip_low = _nonnegative("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else _nonnegative("clip_high", clip_high)
+    if dual_clip is not None:
+        dual_clip = _nonnegative("dual_clip", dual_clip)
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    return clip_low, clip_high, dual_clip or 0.0
+
+
+def _value_params(clip):
+    return (_nonnegative("clip", clip),)
+
+
+def _loss_inputs(kind, x, old, target, mask, normalizer, params, agg, backend):
+    """The ``kind`` loss's arguments checked and prepared for the kernels:
+    (x, old, target in the compute dtype, bool mask, normalizer 0-d tensor or
+    None, params, agg code, resolved backend). A no-op on prepared inputs."""
+    params = (_policy_params if kind == "policy" else _value_params)(*params)
+    code = _agg_code(agg)
+    (x, old, target), mask, normalizer, backend = _prepare(kind, (x, old, target), mask, normalizer, backend)
+    return x, old, target, mask, normalizer, params, code, backend
+
+
+def _checked_normalizer(kind, tensors, mask, normalizer, agg):
+    """The public functions' checks of what the custom op's schema cannot
+    take (ValueError rather than the dispatcher's TypeError); the normalizer
+    as the op takes it (a number becomes a 0-d tensor)."""
+    _agg_code(agg)
+    for name, t in zip(_INPUT_NAMES[kind], tensors):
+        checks.tensor(name, t, kind="float")
+    checks.tensor("mask", mask)
+    if normalizer is None or isinstance(normalizer, torch.Tensor):
+        return normalizer
+    return _normalizer(normalizer, tensors[0].device, _compute_dtype(*tensors))
+
+
 def _stats_dict(stats, names):
     return {name: stats[i] for i, name in enumerate(names)}
 
@@ -521,16 +583,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
         inputs' device. A NaN in a valid token gives a NaN loss (ValueError
         under ``debug_checks(True)``).
     """
-    clip_low = _nonnegative("clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else _nonnegative("clip_high", clip_high)
-    if dual_clip is not None:
-        dual_clip = _nonnegative("dual_clip", dual_clip)
-        if not dual_clip > 1:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
-    code = _agg_code(agg)
-    (x, old, adv), mask, norm, chosen = _prepare("policy", (logprobs, old_logprobs, advantages), mask, normalizer,
-                                                 backend)
-    loss, stats, _ = ppo_policy_loss_op(x, old, adv, mask, norm, clip_low, clip_high, dual_clip or 0.0, code, chosen)
+    clip_low, clip_high, dual_clip = _policy_params(clip_low, clip_high, dual_clip)
+    norm = _checked_normalizer("policy", (logprobs, old_logprobs, advantages), mask, normalizer, agg)
+    loss, stats, _ = ppo_policy_loss_op(logprobs, old_logprobs, advantages, mask, norm, clip_low=clip_low,
+                                        clip_high=clip_high, dual_clip=dual_clip or None, agg=agg, backend=backend)
     return loss, _stats_dict(stats, STAT_NAMES)
 
 
@@ -547,11 +603,43 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-me
         ``stats = {"clipfrac": ...}`` (masked mean of
         ``(v_clip - R)^2 > (v - R)^2``). NaN as for the policy loss.
     """
-    clip = _nonnegative("clip", clip)
-    code = _agg_code(agg)
-    (v, old, ret), mask, norm, chosen = _prepare("value", (values, old_values, returns), mask, normalizer, backend)
-    loss, stats, _ = ppo_value_loss_op(v, old, ret, mask, norm, clip, code, chosen)
+    (clip,) = _value_params(clip)
+    norm = _checked_normalizer("value", (values, old_values, returns), mask, normalizer, agg)
+    loss, stats, _ = ppo_value_loss_op(values, old_values, returns, mask, norm, clip=clip, agg=agg, backend=backend)
     return loss, _stats_dict(stats, STAT_NAMES[:1])
+
+
+def _margin_tensor(margin, dtype, device):
+    """A margin given as None or a number, as a 0-d tensor."""
+    value = 0.0 if margin is None else float(margin) if isinstance(margin, (int, float)) else None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"margin must be None, a finite number or a tensor, got {margin!r}")
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def _pairwise_inputs(chosen, rejected, margin, backend):
+    """Checked pairwise inputs: (chosen, rejected in the compute dtype, margin
+    (None, a number or a broadcastable tensor) as a contiguous tensor of their
+    shape, resolved backend). A no-op on prepared inputs."""
+    checks.tensor("chosen", chosen, kind="float")
+    checks.tensor("rejected", rejected, kind="float")
+    if rejected.shape != chosen.shape:
+        raise ValueError(f"rejected must have shape {tuple(chosen.shape)}, got {tuple(rejected.shape)}")
+    checks.same_device(chosen=chosen, rejected=rejected)
+    dtype = _compute_dtype(chosen, rejected)
+    backend = registry.resolve(PAIRWISE_OP, backend, chosen.device, dtype)
+    if margin is None or not isinstance(margin, torch.Tensor):
+        margin = _margin_tensor(margin, dtype, chosen.device)
+    else:
+        checks.tensor("margin", margin, kind="float")
+        checks.same_device(chosen=chosen, margin=margin)
+        try:
+            torch.broadcast_shapes(margin.shape, chosen.shape)
+        except RuntimeError:
+            raise ValueError(f"margin of shape {tuple(margin.shape)} does not broadcast to "
+                             f"{tuple(chosen.shape)}") from None
+    margin = margin.to(dtype).expand(chosen.shape).contiguous()
+    return chosen.to(dtype), rejected.to(dtype), margin, backend
 
 
 def pairwise_reward_loss(chosen, rejected, *, margin=None, backend="auto"):
@@ -571,24 +659,7 @@ def pairwise_reward_loss(chosen, rejected, *, margin=None, backend="auto"):
     """
     checks.tensor("chosen", chosen, kind="float")
     checks.tensor("rejected", rejected, kind="float")
-    if rejected.shape != chosen.shape:
-        raise ValueError(f"rejected must have shape {tuple(chosen.shape)}, got {tuple(rejected.shape)}")
-    checks.same_device(chosen=chosen, rejected=rejected)
-    dtype = _compute_dtype(chosen, rejected)
-    backend = registry.resolve(PAIRWISE_OP, backend, chosen.device, dtype)
-    if margin is None or not isinstance(margin, torch.Tensor):
-        value = 0.0 if margin is None else float(margin) if isinstance(margin, (int, float)) else None
-        if value is None or not math.isfinite(value):
-            raise ValueError(f"margin must be None, a finite number or a tensor, got {margin!r}")
-        margin = torch.full((), value, dtype=dtype, device=chosen.device)
-    else:
-        checks.tensor("margin", margin, kind="float")
-        checks.same_device(chosen=chosen, margin=margin)
-        try:
-            torch.broadcast_shapes(margin.shape, chosen.shape)
-        except RuntimeError:
-            raise ValueError(f"margin of shape {tuple(margin.shape)} does not broadcast to "
-                             f"{tuple(chosen.shape)}") from None
-    margin = margin.to(dtype).expand(chosen.shape).contiguous()
-    loss, accuracy = pairwise_reward_loss_op(chosen.to(dtype), rejected.to(dtype), margin, backend)
+    if margin is not None and not isinstance(margin, torch.Tensor):
+        margin = _margin_tensor(margin, _compute_dtype(chosen, rejected), chosen.device)
+    loss, accuracy = pairwise_reward_loss_op(chosen, rejected, margin, backend=backend)
     return loss, {"accuracy": accuracy}

@@ -5,9 +5,14 @@ Each op module registers one implementation per backend with
 a backend that can run the inputs, or raises :class:`BackendUnavailable`
 saying why. ``"auto"`` picks by device: CUDA tensors -> triton, cuda, torch;
 CPU tensors -> cpu, torch (the Triton interpreter is for tests, never auto).
+
+The Triton kernels are the top-level ``kernels/`` folder, which setup.py
+installs as ``rlhf_engine.kernels``; :func:`_map_checkout_kernels` maps it the
+same way for a source checkout put on PYTHONPATH without installing.
 """
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -41,6 +46,27 @@ def get(op, backend):
     return _IMPLS[(op, backend)]
 
 
+def _map_checkout_kernels():
+    """Make ``rlhf_engine.kernels`` the checkout's ``kernels/`` folder (beside
+    the ``rlhf_engine`` package) when nothing else provides it: a source
+    checkout on PYTHONPATH, not installed. An install (editable or not) maps
+    it itself and is left alone. The folder never becomes importable as a
+    top-level ``kernels`` module (transformers probes for one)."""
+    if "rlhf_engine.kernels" in sys.modules or importlib.util.find_spec("rlhf_engine.kernels") is not None:
+        return
+    package = sys.modules["rlhf_engine"]
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(package.__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("rlhf_engine.kernels", init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    package.kernels = module
+
+
+_map_checkout_kernels()
 _TRITON_ERROR = None if importlib.util.find_spec("triton") else "triton is not installed"
 
 

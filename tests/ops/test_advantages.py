@@ -318,16 +318,16 @@ def test_group_bad_input(group_size, match):
 def _op_cases(backend, gen):
     rewards, values, mask = random_gae_case(gen, 3, 11)
     return [
-        (adv_mod.gae_op, (rewards, values, mask, 0.9, 0.8, backend)),
-        (adv_mod.masked_whiten_op, (rewards, mask, False, 1e-8, backend)),
-        (adv_mod.group_advantages_op, (rewards[0, :9].contiguous(), 3, True, 1e-6, backend)),
+        (adv_mod.gae_op, (rewards, values, mask), dict(gamma=0.9, lam=0.8, backend=backend)),
+        (adv_mod.masked_whiten_op, (rewards, mask), dict(shift_mean=False, eps=1e-8, backend=backend)),
+        (adv_mod.group_advantages_op, (rewards[0, :9].contiguous(), 3), dict(eps=1e-6, backend=backend)),
     ]
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
 def test_opcheck(backend, gen):
-    for op, args in _op_cases(backend, gen):
-        torch.library.opcheck(op, args)
+    for op, args, kwargs in _op_cases(backend, gen):
+        torch.library.opcheck(op, args, kwargs)
 
 
 @pytest.mark.parametrize("backend", [p for p in GAE_BACKENDS if p.id != "triton"])

@@ -345,8 +345,9 @@ def test_opcheck(backend, gen):
     lp, ref = (t.requires_grad_() for t in random_logprobs(gen, (3, 7), spread=2.0))
     scores = torch.randn(3, generator=gen, requires_grad=True)
     mask = random_mask(gen, 3, 7)
-    torch.library.opcheck(kl_mod.kl_penalty_op, (lp, ref, "k3", backend))
-    torch.library.opcheck(kl_mod.kl_shaped_rewards_op, (scores, lp, ref, mask, 0.1, "k2", backend))
+    torch.library.opcheck(kl_mod.kl_penalty_op, (lp, ref), dict(estimator="k3", backend=backend))
+    torch.library.opcheck(kl_mod.kl_shaped_rewards_op, (scores, lp, ref, mask),
+                          dict(kl_coef=0.1, estimator="k2", backend=backend))
     # The backward op is not differentiable itself (no double backward).
     torch.library.opcheck(kl_mod.kl_penalty_backward_op,
                           (torch.randn(3, 7), lp.detach(), ref.detach(), mask, -0.1, "abs", backend))

@@ -214,8 +214,9 @@ def test_opcheck(backend, with_bias, compute_entropy, gen):
     for t in (hidden, weight, bias):
         if t is not None:
             t.requires_grad_()
-    torch.library.opcheck(lin_mod.linear_token_logprobs_op,
-                          (hidden, weight, bias, labels, 0.9, IGNORE, compute_entropy, 2, backend))
+    torch.library.opcheck(lin_mod.linear_token_logprobs_op, (hidden, weight, labels, bias),
+                          dict(temperature=0.9, ignore_index=IGNORE, return_entropy=compute_entropy, chunk_size=2,
+                               backend=backend))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])

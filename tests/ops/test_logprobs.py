@@ -268,7 +268,8 @@ def test_opcheck(backend, compute_entropy, gen):
     logits = torch.randn(2, 3, 33, generator=gen, requires_grad=True)
     labels = torch.randint(0, 33, (2, 3), generator=gen)
     labels[0, 1] = IGNORE
-    torch.library.opcheck(lp_mod.token_logprobs_op, (logits, labels, 0.9, IGNORE, compute_entropy, backend))
+    torch.library.opcheck(lp_mod.token_logprobs_op, (logits, labels),
+                          dict(temperature=0.9, ignore_index=IGNORE, return_entropy=compute_entropy, backend=backend))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])

@@ -535,11 +535,12 @@ def test_opcheck(backend, gen):
     logprobs, old, adv, mask = random_policy_case(gen, 3, 11)
     x = logprobs.requires_grad_()
     norm = torch.tensor(20.0)
-    torch.library.opcheck(losses_mod.ppo_policy_loss_op, (x, old, adv, mask, None, 0.2, 0.3, 3.0, 2, backend))
-    torch.library.opcheck(losses_mod.ppo_value_loss_op, (x, old, adv, mask, norm, 0.2, 0, backend))
+    torch.library.opcheck(losses_mod.ppo_policy_loss_op, (x, old, adv, mask),
+                          dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0, agg="seq-mean-token-mean", backend=backend))
+    torch.library.opcheck(losses_mod.ppo_value_loss_op, (x, old, adv, mask, norm), dict(clip=0.2, backend=backend))
     chosen = torch.randn(2, 5, generator=gen, requires_grad=True)
     rejected, margin = torch.randn(2, 2, 5, generator=gen)
-    torch.library.opcheck(losses_mod.pairwise_reward_loss_op, (chosen, rejected, margin, backend))
+    torch.library.opcheck(losses_mod.pairwise_reward_loss_op, (chosen, rejected, margin), dict(backend=backend))
     torch.library.opcheck(losses_mod.pairwise_reward_loss_backward_op,
                           (torch.tensor(0.5), chosen.detach(), rejected, margin, backend))
 
