@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -215,12 +216,36 @@ def build_parser(dataclass_types: Sequence[type], *, prog: str, description: str
     (``--help`` shows each one's help and default), plus ``--config FILE``
     and one boolean flag per preset (``{flag: (help, values)}``)."""
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    _accept_none(parser, dataclass_types)
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of options (a flat mapping of option names to values); "
                              "flags given on the command line win over it.")
     for flag, (help_text, _) in (presets or {}).items():
         parser.add_argument(f"--{flag}", action="store_true", help=help_text)
     return parser
+
+
+def _accept_none(parser, dataclass_types: Sequence[type]) -> None:
+    """Let the flag of every ``Optional`` number take ``None`` (any case),
+    the value its help text offers for "off" (argparse's own type would
+    refuse the word)."""
+    optional = set()
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            args = typing.get_args(hints[f.name])
+            if type(None) in args and any(a in (int, float) for a in args):
+                optional.add(f.name)
+    for action in parser._actions:  # noqa: SLF001 (argparse exposes no public list)
+        if action.dest in optional and callable(action.type):
+            action.type = _or_none(action.type)
+
+
+def _or_none(convert):
+    def parse(text):
+        return None if text.strip().lower() == "none" else convert(text)
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
 
 
 def parse_command(dataclass_types: Sequence[type], argv: Sequence[str], *, prog: str, description: str,

@@ -106,6 +106,22 @@ def test_config_file_then_flags_win(tmp_path):
     assert (sft.max_steps, sft.seed) == (3, 0)
 
 
+def test_optional_numbers_take_none_as_a_flag():
+    """The help of an Optional number offers None ("None: off"): the flag takes it."""
+    from rlhf_engine.engine import EngineConfig
+    from rlhf_engine.pipeline.config import PPOData
+
+    types = (RunOptions, PPOData, EngineConfig)
+    base = ["--policy", "p", "--reward_model", "r", "--prompts", "q"]
+    (_, _, engine), _ = parse_command(types, base + ["--max_grad_norm", "None", "--score_clip", "none"],
+                                      prog="t", description="t")
+    assert engine.max_grad_norm is None and engine.score_clip is None
+    (_, _, engine), _ = parse_command(types, base + ["--max_grad_norm", "0.5"], prog="t", description="t")
+    assert engine.max_grad_norm == 0.5
+    with pytest.raises(SystemExit):
+        parse_command(types, base + ["--max_grad_norm", "off"], prog="t", description="t")
+
+
 def test_resume_reads_the_run_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train_file": "x.jsonl", "lr": 0.25, "out": str(tmp_path)}))
     (_, data, sft), _ = parse_command(SFT_TYPES, ["--out", str(tmp_path), "--resume"], prog="t", description="t")
