@@ -1,5 +1,6 @@
-"""Training checkpoints that a crash can never corrupt, sharded over the
-ranks of a torch.distributed run and loadable at any world size.
+"""Training checkpoints that a crash can never corrupt and whose damage is
+always detected, sharded over the ranks of a torch.distributed run and
+loadable at any world size.
 
 Layout under ``root``::
 
@@ -8,26 +9,63 @@ Layout under ``root``::
         tensors/                   ``tensors`` in torch.distributed.checkpoint (DCP) format:
                                    ``.metadata`` and ``__<rank>_<n>.distcp`` files, each rank's shards
         objects.pt                 ``objects`` (torch.save, weights_only-loadable)
-        manifest.json              written last: format version, step, entries, files and sizes
+        manifest.json              written last: format version, step, entries, each file's size
+                                   and sha256, and a sha256 of the manifest itself
 
 A save writes into ``root/.tmp-step-XXXXXXXX-<pid of rank 0>``, fsyncs every
 file and folder, renames it into place, fsyncs ``root``, then replaces
 ``latest`` the same way. A crash at any point (of any rank) leaves every
 earlier checkpoint and a ``latest`` that names a complete one (one
 exception: see :func:`_swap_in`); leftovers are ``.tmp-*`` entries, which
-readers ignore and the next save deletes.
+readers ignore and the next save deletes. A write that fails (no space left,
+a read-only or unwritable folder) removes the unfinished folder and raises
+:class:`CheckpointSaveError` saying what happened, where, and which
+checkpoint is still the latest.
+
+Damage after the save (flipped, truncated or overwritten bytes, a missing
+file, a garbled manifest or ``latest``) is detected before torch reads a
+byte: sizes on every check, sha256 checksums when verifying (by default).
+Checkpoints of format version 2 (written before checksums) still load, with
+a warning, checked by size only.
 
 Under an initialised process group, saving is a collective: every rank
 writes its own shards (DTensor leaves of FSDP2 models and optimizers) into
-the same temporary folder, so all ranks must see one shared file system
-under ``root``; rank 0 alone writes ``objects.pt`` and the manifest, renames,
-writes ``latest`` and prunes. One run writes to a ``root`` at a time.
-Loading into templates reshards to the current world size (DCP); loading
-without templates reads every entry whole in one process.
+the same temporary folder and hashes them, so all ranks must see one shared
+file system under ``root``; rank 0 alone writes ``objects.pt`` and the
+manifest, renames, writes ``latest`` and prunes. One run writes to a
+``root`` at a time. Loading into templates reshards to the current world
+size (DCP), each rank verifying a share of the files; loading without
+templates reads and verifies every entry whole in one process.
+
+API (``verify`` compares every file with its checksum, reading it whole;
+without it only sizes are checked):
+
+``save_checkpoint(root, step, tensors, objects, *, keep=2) -> Path``
+    Raises ValueError for bad arguments (nothing written), CheckpointSaveError
+    when a write fails.
+``load_checkpoint(path, tensors=None, *, verify=True) -> (tensors, objects)``
+    Raises FileNotFoundError when ``path`` is no folder, CheckpointError
+    naming the folder and the file when the checkpoint is damaged, incomplete
+    or of another format; ValueError when templates do not match.
+``latest_checkpoint(root, *, verify=True, on_skip=None) -> Path | None``
+    The first usable entry of :func:`list_checkpoints`; ``on_skip(path,
+    reason)`` is called for each unusable entry passed over before it (also
+    when it returns None). None and no ``on_skip`` call: no checkpoint at all.
+``list_checkpoints(root, *, verify=True) -> [CheckpointStatus(path, step, problem)]``
+    Every checkpoint in the order resuming tries them: the one ``latest``
+    names, then the other ``step-*`` folders, highest step first; ``problem``
+    None when usable, else what is wrong, naming the file. A ``latest``
+    that is garbled or names a folder that does not exist is an entry of its
+    own, first: ``path`` root/latest, ``step`` None (one garbled into the
+    name of another existing checkpoint cannot be told). ``[]``: nothing was
+    ever saved under ``root``.
+``CheckpointError(ValueError)``; ``CheckpointSaveError(CheckpointError, OSError)``,
+    whose ``errno`` is the failed write's where known (ENOSPC for a full device).
 """
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import random
@@ -36,6 +74,7 @@ import shutil
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -44,13 +83,42 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_engine import distributed
 
-FORMAT_VERSION = 2
+__all__ = ["CheckpointError", "CheckpointSaveError", "CheckpointStatus", "capture_rng", "latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "restore_rng", "save_checkpoint"]
+
+FORMAT_VERSION = 3  # 3: sha256 of every file and of the manifest; 2: sizes only (still read)
+READABLE_FORMATS = (2, 3)
 MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest_sha256"  # of the manifest's other fields, as canonical JSON
 OBJECTS = "objects.pt"
 TENSORS = "tensors"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_FILE = re.compile(rf"{re.escape(OBJECTS)}|{TENSORS}/(?!\.\.?$)[^/\\]+")  # what a manifest may list
+_TORCH_WRITER = re.compile(r"PytorchStreamWriter|inline_container|unexpected pos|\[Errno \d+\]")
+_LOW_SPACE = 64 << 20  # free bytes below which a failed write is taken for a full device
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged, incomplete, of another
+    format) or written (:class:`CheckpointSaveError`); the message names the
+    checkpoint folder, the file and what is wrong."""
+
+
+class CheckpointSaveError(CheckpointError, OSError):
+    """A save that failed on some rank (no space left on the device, a
+    read-only or unwritable folder, an I/O error); the message says what
+    happened, where, and which checkpoint is still the latest (intact).
+    Also an OSError; ``errno`` is the failed write's where known (ENOSPC
+    for a full device), else None."""
+
+
+class CheckpointStatus(NamedTuple):
+    """An entry of :func:`list_checkpoints`."""
+    path: Path  # a step-* folder, or root/latest when the pointer itself is damaged
+    step: Optional[int]  # None for root/latest
+    problem: Optional[str]  # None: usable; else what is wrong, naming the file
 
 
 def save_checkpoint(root, step, tensors, objects, *, keep=2):
@@ -72,7 +140,11 @@ def save_checkpoint(root, step, tensors, objects, *, keep=2):
     Under a process group every rank calls it with its own shards; it
     returns on every rank once the checkpoint is complete and durable, and
     raises on every rank when it failed on any (the original error on the
-    rank where it happened, a RuntimeError naming that rank elsewhere).
+    rank where it happened, an error naming that rank elsewhere). A failed
+    write (OSError, or torch's writer failing on a full device) raises
+    :class:`CheckpointSaveError` on every rank, saying what happened (e.g.
+    "no space left on the device"), where, and which checkpoint is still the
+    latest; the unfinished folder is removed.
 
     Guarantees: the folder appears complete or not at all; ``latest`` names it
     only once it is durable; re-saving an existing step swaps the new copy in
@@ -81,67 +153,104 @@ def save_checkpoint(root, step, tensors, objects, *, keep=2):
     highest other steps stay; the rest and stale ``.tmp-*`` entries go.
     """
     root = Path(root)
-    main = distributed.layout().is_main
+    where = distributed.layout()
+    main = where.is_main
+    what = f"saving checkpoint step {step}"
 
     def prepare():
         _check_arguments(step, keep, tensors, objects if main else {})
         if not main:
             return None
-        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        with _writing(root, step, tmp):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         return tmp.name, {name: _entry_layout(state) for name, state in tensors.items()}
 
-    def finish():
+    def own_files():
+        """Size and checksum of each shard file this rank wrote (DCP names them ``__<rank>_<n>.distcp``)."""
+        with _writing(root, step, tmp / TENSORS):
+            return {f"{TENSORS}/{p.name}": _file_record(p) for p in (tmp / TENSORS).iterdir()
+                    if p.name.startswith(f"__{where.rank}_")}
+
+    def finish(written):
         if not main:
             return
         try:
-            files = {f"{TENSORS}/{p.name}": p.stat().st_size for p in sorted((tmp / TENSORS).iterdir())}
-            _fsync_dir(tmp / TENSORS)
-            files[OBJECTS] = _write_objects(tmp / OBJECTS, objects)
-            manifest = {"format_version": FORMAT_VERSION, "step": step, "tensors": entries, "files": files}
-            _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-            _fsync_dir(tmp)
+            with _writing(root, step, tmp / TENSORS):
+                files = {name: record for part in written for name, record in part.items()}
+                for p in (tmp / TENSORS).iterdir():  # .metadata, and any file no rank claimed
+                    if f"{TENSORS}/{p.name}" not in files:
+                        files[f"{TENSORS}/{p.name}"] = _file_record(p)
+                files = dict(sorted(files.items()))
+                _fsync_dir(tmp / TENSORS)
+            with _writing(root, step, tmp / OBJECTS):
+                files[OBJECTS] = _write_objects(tmp / OBJECTS, objects)
+            with _writing(root, step, tmp / MANIFEST):
+                _write_bytes(tmp / MANIFEST, _manifest_bytes(step, entries, files))
+                _fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         final = root / f"step-{step:08d}"
-        _swap_in(tmp, final)
-        _fsync_dir(root)
-        _write_latest(root, final.name)
+        with _writing(root, step, final):
+            _swap_in(tmp, final)
+            _fsync_dir(root)
+            _write_latest(root, final.name)
         _prune(root, final, keep)
 
-    with distributed.guard(f"saving checkpoint step {step}"):
-        tmp_name, entries = _on_every_rank(f"saving checkpoint step {step}", prepare)[0]
+    with distributed.guard(what):
+        tmp_name, entries = _on_every_rank(what, prepare)[0]
         tmp = root / tmp_name
         try:
-            with _dcp_failures(f"writing the tensors of checkpoint step {step}"):
+            with _writing(root, step, tmp / TENSORS), _dcp_failures(f"writing the tensors of checkpoint step {step}"):
                 dcp.save(_without_aliases(tensors, entries), storage_writer=dcp.FileSystemWriter(tmp / TENSORS),
-                         no_dist=not distributed.layout().distributed)
+                         no_dist=not where.distributed)
+            written = _on_every_rank(what, own_files)
         except BaseException:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _on_every_rank(f"saving checkpoint step {step}", finish)
+        _on_every_rank(what, lambda: finish(written))
     return root / f"step-{step:08d}"
 
 
-def latest_checkpoint(root):
-    """The folder ``latest`` names if it is complete, else the highest complete
-    ``step-*`` folder, else None (also when ``root`` does not exist)."""
-    root = Path(root)
-    try:
-        name = (root / LATEST).read_text().strip()
-    except OSError:
-        name = ""
-    if _STEP_DIR.fullmatch(name) and _is_complete(root / name):
-        return root / name
-    steps = _complete_steps(root)
-    return steps[-1][1] if steps else None
+def latest_checkpoint(root, *, verify=True, on_skip=None):
+    """The checkpoint to resume from: the folder ``latest`` names if it is
+    usable, else the highest usable ``step-*`` folder, else None (also when
+    ``root`` does not exist). Usable: complete, and with ``verify`` (reading
+    every file of each candidate it checks, in this process) every checksum
+    matches.
+
+    ``on_skip(path, reason)`` is called for each entry of
+    :func:`list_checkpoints` passed over, in order, before the one returned:
+    a damaged or incomplete ``step-*`` folder, or ``root/latest`` when the
+    pointer itself is garbled or names a folder that does not exist;
+    ``reason`` names the file and what is wrong with it. A None result
+    without any ``on_skip`` call means there is no checkpoint at all; with
+    calls, every checkpoint is damaged.
+    """
+    for status in _statuses(Path(root), verify):
+        if status.problem is None:
+            return status.path
+        if on_skip is not None:
+            on_skip(status.path, status.problem)
+    return None
 
 
-def load_checkpoint(path, tensors=None):
+def list_checkpoints(root, *, verify=True):
+    """Every checkpoint under ``root`` as a :class:`CheckpointStatus` ``(path,
+    step, problem)``, in the order :func:`latest_checkpoint` tries them (the
+    first usable one is what it returns): the folder ``latest`` names, then
+    the other ``step-*`` folders, highest step first. ``problem`` is None when
+    usable, else what is wrong, naming the file. A garbled ``latest``, or one
+    naming a folder that does not exist, comes first as ``(root/latest, None,
+    problem)``. ``[]`` when nothing was ever saved under ``root``."""
+    return list(_statuses(Path(root), verify))
+
+
+def load_checkpoint(path, tensors=None, *, verify=True):
     """``(tensors, objects)`` of the checkpoint folder ``path``.
 
     ``tensors`` None: every saved entry read whole onto the CPU in this
@@ -154,20 +263,33 @@ def load_checkpoint(path, tensors=None):
     returned; under a process group every rank calls it (a collective).
     ``objects`` is read with ``torch.load(weights_only=True)`` on every rank.
 
-    Raises FileNotFoundError when ``path`` does not exist and ValueError
-    naming the file when the checkpoint is incomplete or of another format,
-    or naming the entries and keys of the templates the checkpoint lacks.
+    Before torch reads anything, every file's size is checked and, with
+    ``verify``, its sha256 (each rank a share of the files when loading into
+    templates, else all of them here). A checkpoint of format version 2 (no
+    checksums) loads with a warning, checked by size only.
+
+    Raises FileNotFoundError when ``path`` does not exist, CheckpointError (a
+    ValueError) naming the folder and the file when the checkpoint is
+    damaged (checksum mismatch, truncated, missing file, unreadable
+    manifest), incomplete or of another format (on every rank, under a
+    process group), and ValueError naming the entries and keys of the
+    templates the checkpoint lacks.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {path}")
-    manifest = _read_manifest(path)
-    if manifest is None:
-        raise ValueError(f"incomplete checkpoint {path}: {MANIFEST} missing, unreadable or not of format version "
-                         f"{FORMAT_VERSION} (pass a step-* folder; latest_checkpoint(root) finds one)")
-    problem = _missing_file(path, manifest)
-    if problem:
-        raise ValueError(f"incomplete checkpoint {path}: {problem}")
+    where = distributed.layout()
+    manifest = None
+
+    def check(share):
+        nonlocal manifest
+        manifest = _usable(path, verify, share)
+
+    if tensors is None:
+        check((0, 1))
+    else:  # a collective: each rank verifies a share of the files, all raise if any fails
+        with distributed.guard(f"loading checkpoint {path}"):
+            _on_every_rank(f"loading checkpoint {path}", lambda: check((where.rank, where.world_size)))
     objects = torch.load(path / OBJECTS, map_location="cpu", weights_only=True)
     if tensors is None:
         return _read_whole(path / TENSORS, manifest["tensors"]), objects
@@ -370,21 +492,31 @@ def _dict_paths(tree, prefix=()):
 def _on_every_rank(what, fn):
     """``fn()`` on this rank, then every rank's result in rank order (a
     barrier). When it raised on any rank it raises on every rank: the
-    original error where it happened, a RuntimeError naming the failed ranks
-    elsewhere. In a world of one: ``[fn()]``."""
+    original error where it happened, elsewhere an error naming the failed
+    ranks, of the first failed rank's class when that is a CheckpointError,
+    else a RuntimeError. In a world of one: ``[fn()]``."""
     if not distributed.layout().distributed:
         return [fn()]
     try:
         result, error = fn(), None
     except Exception as e:  # reported to the other ranks, then raised
         result, error = None, e
-    gathered = distributed.all_gather_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    gathered = distributed.all_gather_object((result, None if error is None else (type(error).__name__, str(error))))
     if error is not None:
         raise error
-    failed = [f"rank {rank}: {message}" for rank, (_, message) in enumerate(gathered) if message]
+    failed = [(rank, *report) for rank, (_, report) in enumerate(gathered) if report]
     if failed:
-        raise RuntimeError(f"{what} failed on " + "; ".join(failed))
+        raise _CHECKPOINT_ERRORS.get(failed[0][1], RuntimeError)(f"{what} failed on " + "; ".join(
+            f"rank {rank}: " + (message if kind in _CHECKPOINT_ERRORS else f"{kind}: {message}")
+            for rank, kind, message in failed))
     return [result for result, _ in gathered]
+
+
+_CHECKPOINT_ERRORS = {cls.__name__: cls for cls in (CheckpointError, CheckpointSaveError)}
+
+
+class _RanksFailed(RuntimeError):
+    """Other ranks' failures inside a DCP collective, as seen on this rank."""
 
 
 @contextlib.contextmanager
@@ -402,7 +534,68 @@ def _dcp_failures(what):
         if rank in error.failures:
             raise error.failures[rank][0] from None
         failed = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(error.failures.items()))
-        raise RuntimeError(f"{what} failed on {failed}") from None
+        raise _RanksFailed(f"{what} failed on {failed}") from None
+
+
+@contextlib.contextmanager
+def _writing(root, step, where):
+    """Turn a write failing inside the block (an OSError, torch's writer
+    failing, another rank's failure inside DCP) into a CheckpointSaveError
+    saying what happened, where (``where``: the folder or file being
+    written) and which checkpoint under ``root`` is still the latest. Other
+    errors (a collective failing) pass through."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not isinstance(error, (OSError, _RanksFailed)) and not _TORCH_WRITER.search(str(error)):
+            raise
+        reason, code = _write_failure(error, where)
+        try:
+            previous = latest_checkpoint(root, verify=False)
+            kept = (f"the previous checkpoint {previous} is intact" if previous is not None
+                    else f"there is no earlier checkpoint under {root}")
+        except OSError:
+            kept = f"the checkpoints under {root} are untouched"
+        target = getattr(error, "filename", None) or where
+        failure = CheckpointSaveError(f"cannot save checkpoint step {step} under {root}: {reason} (writing {target}); "
+                                      f"{kept}")
+        failure.errno = code
+        raise failure from error
+
+
+def _write_failure(error, where):
+    """``(reason, errno)`` of a failed write: the errno's meaning when it has
+    one (also from another rank's message), else "no space left" when the
+    device of ``where`` is (nearly) full (errno ENOSPC), else the error's
+    first line."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    code = getattr(error, "errno", None)
+    if code is None and (match := re.search(r"\[Errno (\d+)\]", str(error))):
+        code = int(match.group(1))
+    meaning = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "no space left on the device",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+    if code in meaning:
+        return f"{meaning[code]} ({text})", code
+    free = _free_bytes(Path(where))
+    if free is not None and free < _LOW_SPACE:
+        return f"no space left on the device ({free} bytes free; {text})", errno.ENOSPC
+    if "unexpected pos" in text:  # torch's writer after a short write, errno lost
+        return (f"a write came up short ({text}): the device may be full or over quota, "
+                f"or a file size limit was reached"), code
+    return text, code
+
+
+def _free_bytes(path):
+    """Bytes free to this user on the device holding ``path`` (or its nearest existing parent), or None."""
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
 
 
 # --- objects ---------------------------------------------------------------
@@ -428,7 +621,8 @@ def _check_weights_only(obj, where):
 def _write_objects(path, objects):
     with open(path, "wb") as f:
         torch.save(objects, f)
-    return _fsync_file(path)
+    _fsync_file(path)
+    return _file_record(path)
 
 
 # --- files and folders -----------------------------------------------------
@@ -436,17 +630,29 @@ def _write_objects(path, objects):
 def _write_bytes(path, data):
     with open(path, "wb") as f:
         f.write(data)
-    return _fsync_file(path)
+    _fsync_file(path)
 
 
 def _fsync_file(path):
-    """Flush ``path`` to disk; return its size."""
+    """Flush ``path`` to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        return os.fstat(fd).st_size
     finally:
         os.close(fd)
+
+
+def _file_record(path):
+    """``{"size", "sha256"}`` of the file ``path``, read whole (sha256: about
+    1 GB/s where the CPU has SHA instructions)."""
+    digest, size = hashlib.sha256(), 0
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 def _fsync_dir(path):
@@ -511,38 +717,129 @@ def _prune(root, final, keep):
 
 def _complete_steps(root):
     """``[(step, folder)]`` of the complete checkpoints under ``root``, ascending."""
+    return sorted((status.step, status.path) for status in _statuses(root, verify=False)
+                  if status.step is not None and status.problem is None)
+
+
+def _statuses(root, verify):
+    """The :class:`CheckpointStatus` of each checkpoint under ``root``, lazily,
+    in the order :func:`list_checkpoints` documents."""
     if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.fullmatch(path.name)
-        if match and _is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+        return
+    name, problem = _read_latest(root)
+    steps = sorted(((int(m.group(1)), root / m.group(0)) for m in map(_STEP_DIR.fullmatch, os.listdir(root)) if m),
+                   reverse=True)
+    named = [entry for entry in steps if entry[1].name == name]
+    if name is not None and not named:
+        problem = f"{LATEST} names {name}, which does not exist"
+    if problem is not None:
+        yield CheckpointStatus(root / LATEST, None, problem)
+    for step, path in named + [entry for entry in steps if entry not in named]:
+        yield CheckpointStatus(path, step, _inspect(path, verify)[1])
 
 
-def _read_manifest(path):
+def _read_latest(root):
+    """``(name, problem)``: the checkpoint ``root/latest`` names, or what is
+    wrong with it; ``(None, None)`` when there is no ``latest``."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        return None
+        data = (root / LATEST).read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as error:
+        return None, f"{LATEST} unreadable ({error.strerror})"
+    name = data.decode("ascii", "replace").strip()
+    if not _STEP_DIR.fullmatch(name):
+        return None, f"{LATEST} holds {data[:40]!r}, not the name of a checkpoint (damaged)"
+    return name, None
+
+
+def _usable(path, verify, share=(0, 1)):
+    """The manifest of checkpoint folder ``path`` once :func:`_inspect` finds
+    nothing wrong (warning when it has no checksums), else CheckpointError."""
+    manifest, problem = _inspect(path, verify, share)
+    if problem == f"{MANIFEST} missing":
+        raise CheckpointError(f"incomplete checkpoint {path}: {problem} "
+                              f"(pass a step-* folder; latest_checkpoint(root) finds one)")
+    if problem is not None:
+        raise CheckpointError(f"damaged checkpoint {path}: {problem}")
+    if verify and manifest["format_version"] < 3:
+        warnings.warn(f"checkpoint {path} has no checksums (format version {manifest['format_version']}, "
+                      f"saved by an earlier rlhf_engine): its files are checked by size only", stacklevel=3)
     return manifest
 
 
-def _missing_file(path, manifest):
-    """What is missing from checkpoint ``path`` (a message), or None."""
-    for name, size in manifest["files"].items():
+def _inspect(path, verify, share=(0, 1)):
+    """``(manifest, problem)`` of checkpoint folder ``path``: ``problem`` None
+    when its manifest is sound and every file has its size (and with
+    ``verify`` its checksum, for the files of ``share`` ``(rank, ranks)``:
+    every ``ranks``-th in sorted order from ``rank``), else what is wrong,
+    naming the file (the manifest then None)."""
+    manifest, problem = _read_manifest(path)
+    if problem is not None:
+        return None, problem
+    files = manifest["files"]
+    for name, record in files.items():
         try:
-            actual = (path / name).stat().st_size
-        except OSError:
-            return f"{name} missing"
-        if actual != size:
-            return f"{name} has {actual} bytes, the manifest says {size}"
-    return None
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            return None, f"{name} missing"
+        except OSError as error:
+            return None, f"{name} unreadable ({error.strerror})"
+        if size != record["size"]:
+            return None, f"{name} has {size} bytes, the manifest says {record['size']} (truncated or overwritten)"
+    rank, ranks = share
+    for name in sorted(files)[rank::ranks] if verify else ():
+        if "sha256" not in files[name]:  # format 2
+            continue
+        try:
+            actual = _file_record(path / name)["sha256"]
+        except OSError as error:
+            return None, f"{name} unreadable ({error.strerror})"
+        if actual != files[name]["sha256"]:
+            return None, f"{name} does not match its sha256 checksum (its bytes changed after the save)"
+    return manifest, None
 
 
-def _is_complete(path):
-    manifest = _read_manifest(path)
-    return manifest is not None and _missing_file(path, manifest) is None
+def _manifest_bytes(step, entries, files):
+    body = {"format_version": FORMAT_VERSION, "step": step, "tensors": entries, "files": files}
+    return json.dumps({**body, MANIFEST_CHECKSUM: _manifest_checksum(body)}, indent=1).encode()
+
+
+def _manifest_checksum(body):
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_manifest(path):
+    """``(manifest, problem)``: the manifest of checkpoint folder ``path``
+    with ``files`` as ``{name: {"size": n[, "sha256": hex]}}`` (format 2's
+    sizes converted), or None and what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None, f"{MANIFEST} missing"
+    except OSError as error:
+        return None, f"{MANIFEST} unreadable ({error.strerror})"
+    except ValueError:  # not UTF-8, not JSON
+        return None, f"{MANIFEST} is not valid JSON (damaged)"
+    if not isinstance(manifest, dict):
+        return None, f"{MANIFEST} is not a checkpoint manifest (damaged)"
+    stored = manifest.pop(MANIFEST_CHECKSUM, None)
+    if stored is not None and stored != _manifest_checksum(manifest):
+        return None, f"{MANIFEST} does not match its own sha256 checksum (damaged)"
+    version = manifest.get("format_version")
+    if version not in READABLE_FORMATS:
+        return None, (f"{MANIFEST} is of format version {version!r}; this rlhf_engine reads versions "
+                      f"{', '.join(map(str, READABLE_FORMATS))}")
+    try:
+        files = manifest["files"]
+        if version == 2:
+            files = {name: {"size": size} for name, size in files.items()}
+        sound = (stored is not None or version == 2) and isinstance(manifest["tensors"], dict) and all(
+            _FILE.fullmatch(name) and isinstance(record["size"], int) for name, record in files.items()) and {
+            OBJECTS, f"{TENSORS}/.metadata"} <= set(files)
+    except (KeyError, TypeError, AttributeError):
+        sound = False
+    if not sound:
+        return None, f"{MANIFEST} is not a checkpoint manifest of format version {version} (damaged)"
+    manifest["files"] = files
+    return manifest, None

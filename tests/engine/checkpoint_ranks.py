@@ -4,10 +4,12 @@ FSDP2, AdamW steps, checkpoints.
 
     python checkpoint_ranks.py save ROOT OUT     step 1, saves step 1, a save of step 2 that fails
                                                  on rank 1, steps 2-3; rank 0 writes OUT/save.pt
-    python checkpoint_ranks.py resume ROOT OUT   another init, loads ROOT's latest, steps 2-3;
+    python checkpoint_ranks.py resume ROOT OUT   another init, loading a copy of ROOT's latest with a
+                                                 damaged shard fails, loads ROOT's latest, steps 2-3;
                                                  rank 0 writes OUT/resume.pt
 """
 import copy
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,10 +71,28 @@ def failing_save(root, state, where):
         fs._write_item = disk_full
     try:
         checkpoint.save_checkpoint(root, 2, state, {"step": 2})
-    except (OSError, RuntimeError) as error:
+    except checkpoint.CheckpointError as error:
         return f"{type(error).__name__}: {error}"
     finally:
         fs._write_item = write_item
+    return "no error"
+
+
+def load_damaged(path, out, templates, where):
+    """Load a copy of checkpoint ``path`` whose last shard file (one rank 1
+    verifies) has flipped bytes: every rank must raise."""
+    damaged = Path(out) / "damaged"
+    if where.is_main:
+        shutil.copytree(path, damaged)
+        shard = sorted((damaged / "tensors").glob("*.distcp"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    distributed.all_gather_object(None)  # the copy is there for every rank
+    try:
+        checkpoint.load_checkpoint(damaged, templates)
+    except checkpoint.CheckpointError as error:
+        return f"{type(error).__name__}: {error}"
     return "no error"
 
 
@@ -90,10 +110,11 @@ def main(mode, root, out):
         results = {"saved": saved, "failures": distributed.all_gather_object(failure)}
     else:
         sd_model, sd_optim = get_state_dict(model, optimizer)
-        _, objects = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(root),
-                                                {"model": sd_model, "optim": sd_optim})
+        path = checkpoint.latest_checkpoint(root)
+        damaged = load_damaged(path, out, {"model": sd_model, "optim": sd_optim}, where)
+        _, objects = checkpoint.load_checkpoint(path, {"model": sd_model, "optim": sd_optim})
         set_state_dict(model, optimizer, model_state_dict=sd_model, optim_state_dict=sd_optim)
-        results = {"objects": objects}
+        results = {"objects": objects, "damaged": distributed.all_gather_object(damaged)}
     for step in (2, 3):
         train_step(model, optimizer, step, where)
     results["after"] = full_state(model, optimizer)

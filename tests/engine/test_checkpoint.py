@@ -1,9 +1,15 @@
 """Checkpoints in a single process: bit-identical round trips, loading into
-templates, exact resume, pruning, the ``latest`` pointer, and a save killed
-half-way (SIGKILL in a subprocess). Several ranks: test_checkpoint_distributed.py."""
+templates, exact resume, pruning, the ``latest`` pointer, a save killed
+half-way (SIGKILL in a subprocess), damage of every file kind detected on
+load (checksums) and passed over on resume, failed writes (no space left,
+read-only) explained. Several ranks: test_checkpoint_distributed.py."""
+import errno
+import hashlib
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +23,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rlhf_engine.engine import checkpoint
-from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint)
+from rlhf_engine.engine.checkpoint import (CheckpointError, CheckpointSaveError, capture_rng, latest_checkpoint,
+                                           list_checkpoints, load_checkpoint, restore_rng, save_checkpoint)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -251,19 +257,220 @@ def test_bad_arguments_write_nothing(tmp_path):
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("failing", ["tensors", "objects"])
-def test_failed_write_leaves_previous_and_no_tmp(tmp_path, monkeypatch, failing):
-    save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
-
-    def disk_full(*args, **kwargs):
-        raise OSError("disk full")
-
-    if failing == "tensors":
-        monkeypatch.setattr(torch.distributed.checkpoint.filesystem, "_write_item", disk_full)
+def damage(path, how):
+    """Damage the file ``path``: ``flipped`` bits (same size: 4 bytes mid-file;
+    in a manifest, one bit of the key "w", which leaves valid JSON),
+    ``truncated`` to half, same-size ``garbage``, or ``missing``."""
+    data = path.read_bytes()
+    if how == "flipped":
+        at, n = (data.find(b'"w"') + 1, 1) if path.name == "manifest.json" else (len(data) // 2, 4)
+        data = data[:at] + bytes(b ^ 0x01 for b in data[at:at + n]) + data[at + n:]
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    elif how == "garbage":
+        data = random.Random(0).randbytes(len(data))
+    if how == "missing":
+        path.unlink()
     else:
-        monkeypatch.setattr(checkpoint, "_write_objects", disk_full)
-    with pytest.raises(OSError, match="disk full"):
+        path.write_bytes(data)
+
+
+CHECKSUM, SIZE, MISSING = "does not match its sha256 checksum", r"has \d+ bytes, the manifest says \d+", "missing"
+FAULTS = [(name, how, reason) for name in ("tensors/__0_0.distcp", "tensors/.metadata", "objects.pt")
+          for how, reason in [("flipped", CHECKSUM), ("truncated", SIZE), ("garbage", CHECKSUM), ("missing", MISSING)]
+          ] + [("manifest.json", "flipped", "does not match its own sha256 checksum"),
+               ("manifest.json", "truncated", "is not valid JSON"), ("manifest.json", "garbage", "is not valid JSON")]
+
+
+@pytest.mark.parametrize("name, how, reason", FAULTS, ids=[f"{name}-{how}" for name, how, _ in FAULTS])
+def test_damage_is_detected_on_load_naming_the_file(tmp_path, name, how, reason):
+    save_checkpoint(tmp_path, 1, {"policy": {"w": torch.arange(4096.0)}}, {"step": 1})
+    path = save_checkpoint(tmp_path, 2, {"policy": {"w": torch.arange(4096.0) + 1}}, {"step": 2})
+    damage(path / name, how)
+    for templates in (None, {"policy": {"w": torch.zeros(4096)}}):
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path, templates)
+        message = str(caught.value)
+        assert message.startswith(f"damaged checkpoint {path}: {name} ") and re.search(reason, message), message
+        assert "weights_only" not in message
+    # Resuming passes over it, saying which file is wrong, to the intact step 1.
+    skipped = []
+    assert latest_checkpoint(tmp_path, on_skip=lambda *skip: skipped.append(skip)) == tmp_path / "step-00000001"
+    [(where, why)] = skipped
+    assert where == path and why.startswith(f"{name} ") and re.search(reason, why), why
+    assert load_checkpoint(tmp_path / "step-00000001")[1] == {"step": 1}
+
+
+LATEST_FAULTS = [("flipped", "latest names step-00111102, which does not exist"),
+                 ("truncated", r"latest holds b'step-00', not the name of a checkpoint \(damaged\)"),
+                 ("garbage", r"latest holds b'.*', not the name of a checkpoint \(damaged\)")]
+
+
+@pytest.mark.parametrize("how, reason", LATEST_FAULTS, ids=[how for how, _ in LATEST_FAULTS])
+def test_damaged_latest_pointer_is_reported(tmp_path, how, reason):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"m": {"w": torch.ones(2)}}, {"step": step})
+    damage(tmp_path / "latest", how)
+    skipped = []
+    assert latest_checkpoint(tmp_path, on_skip=lambda *skip: skipped.append(skip)) == tmp_path / "step-00000002"
+    [(where, why)] = skipped
+    assert where == tmp_path / "latest" and re.fullmatch(reason, why, re.DOTALL), why
+    assert list_checkpoints(tmp_path) == [(tmp_path / "latest", None, why), (tmp_path / "step-00000002", 2, None),
+                                          (tmp_path / "step-00000001", 1, None)]
+
+
+def test_manifest_holds_each_files_sha256(tmp_path):
+    path = save_checkpoint(tmp_path, 3, {"m": {"w": torch.ones(8)}}, {"step": 3})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 3
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(manifest["files"]) == files == ["objects.pt", "tensors/.metadata", "tensors/__0_0.distcp"]
+    for name, record in manifest["files"].items():  # plain sha256: sha256sum checks them by hand
+        data = (path / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_list_checkpoints_tells_none_from_all_damaged(tmp_path):
+    assert list_checkpoints(tmp_path / "absent") == [] and list_checkpoints(tmp_path) == []
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"m": {"w": torch.full((64,), float(step))}}, {"step": step}, keep=3)
+    damage(tmp_path / "step-00000003" / "tensors" / "__0_0.distcp", "flipped")
+    (tmp_path / "step-00000002" / "manifest.json").unlink()
+    statuses = list_checkpoints(tmp_path)
+    assert [(s.path.name, s.step) for s in statuses] == [("step-00000003", 3), ("step-00000002", 2),
+                                                         ("step-00000001", 1)]
+    assert CHECKSUM in statuses[0].problem and statuses[1].problem == "manifest.json missing"
+    assert statuses[2].problem is None
+    # Without verify only sizes count: the flipped bits go unnoticed until load_checkpoint verifies.
+    assert latest_checkpoint(tmp_path, verify=False) == tmp_path / "step-00000003"
+    assert [s.problem is None for s in list_checkpoints(tmp_path, verify=False)] == [True, False, True]
+    damage(tmp_path / "step-00000001" / "objects.pt", "garbage")
+    skipped = []
+    assert latest_checkpoint(tmp_path, on_skip=lambda *skip: skipped.append(skip)) is None
+    assert [where.name for where, _ in skipped] == ["step-00000003", "step-00000002", "step-00000001"]
+
+
+def test_format_2_checkpoint_loads_with_a_warning(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"m": {"w": torch.arange(5.0)}}, {"step": 1})
+    manifest = json.loads((path / "manifest.json").read_text())  # as the previous version wrote it
+    del manifest["manifest_sha256"]
+    manifest.update(format_version=2, files={name: r["size"] for name, r in manifest["files"].items()})
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert latest_checkpoint(tmp_path) == path
+    with pytest.warns(UserWarning, match=f"checkpoint {path} has no checksums .*checked by size only"):
+        tensors, objects = load_checkpoint(path)
+    assert torch.equal(tensors["m"]["w"], torch.arange(5.0)) and objects == {"step": 1}
+    manifest["format_version"] = 4
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="manifest.json is of format version 4; this rlhf_engine reads"):
+        load_checkpoint(path)
+
+
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+def fail_in_dcp_writer(monkeypatch, error):
+    def write_item(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch.distributed.checkpoint.filesystem, "_write_item", write_item)
+
+
+def fail_in_objects(monkeypatch, error, free=None):
+    """torch.save of objects.pt writes a little, then raises ``error``; ``free``: the free bytes disk_usage reports."""
+    save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if getattr(f, "name", "").endswith("objects.pt"):
+            f.write(b"PK\x03\x04")
+            raise error
+        return save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", failing_save)
+    if free is not None:
+        usage = shutil.disk_usage("/")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+
+
+def fail_in_manifest(monkeypatch, error):
+    write_bytes = checkpoint._write_bytes
+
+    def failing(path, data):
+        if path.name == "manifest.json":
+            raise error
+        write_bytes(path, data)
+    monkeypatch.setattr(checkpoint, "_write_bytes", failing)
+
+
+def fail_in_mkdir(monkeypatch, error):
+    def mkdir(self, *args, **kwargs):
+        raise error
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+WRITE_FAILURES = {  # id: (how the write fails, what the message says, the file it names, the errno)
+    "shard-ENOSPC": (lambda mp: fail_in_dcp_writer(mp, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+                     r"no space left on the device \(\[Errno 28\] No space left on device\)", "/tensors",
+                     errno.ENOSPC),
+    "objects-disk-full": (lambda mp: fail_in_objects(mp, RuntimeError(TORCH_SHORT_WRITE), free=4096),
+                          r"no space left on the device \(4096 bytes free; \[enforce fail", "/objects.pt",
+                          errno.ENOSPC),
+    "objects-short-write": (lambda mp: fail_in_objects(mp, RuntimeError(TORCH_SHORT_WRITE)),
+                            r"a write came up short \(.*unexpected pos 704 vs 598\): the device may be full",
+                            "/objects.pt", None),
+    "manifest-EIO": (lambda mp: fail_in_manifest(mp, OSError(errno.EIO, os.strerror(errno.EIO))),
+                     r": \[Errno 5\] Input/output error", "/manifest.json", errno.EIO),
+    "folder-EROFS": (lambda mp: fail_in_mkdir(mp, OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/out")),
+                     r"the file system is read-only \(\[Errno 30\] Read-only file system: '/ro/out'\)", "/ro/out",
+                     errno.EROFS),
+    "folder-EACCES": (lambda mp: fail_in_mkdir(mp, PermissionError(errno.EACCES, "Permission denied", "/out")),
+                      r"permission denied \(\[Errno 13\] Permission denied: '/out'\)", "/out", errno.EACCES),
+}
+
+
+@pytest.mark.parametrize("failure", list(WRITE_FAILURES))
+def test_failed_write_says_what_and_keeps_previous(tmp_path, monkeypatch, failure):
+    save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
+    fail, reason, target, code = WRITE_FAILURES[failure]
+    fail(monkeypatch)
+    with pytest.raises(CheckpointSaveError) as caught:
         save_checkpoint(tmp_path, 2, {"m": {"w": torch.zeros(2)}}, {"v": 2})
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert message.startswith(f"cannot save checkpoint step 2 under {tmp_path}: ") and re.search(reason, message)
+    assert isinstance(caught.value, OSError) and caught.value.errno == code
+    assert re.search(rf"\(writing [^)]*{re.escape(target)}[^)]*\); the previous checkpoint "
+                     rf"{re.escape(str(tmp_path / 'step-00000001'))} is intact$", message), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))[1] == {"v": 1}
+
+
+def test_failed_first_save_says_there_is_no_earlier_checkpoint(tmp_path, monkeypatch):
+    fail_in_dcp_writer(monkeypatch, OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)))
+    with pytest.raises(CheckpointSaveError, match=r"no space left on the device \(\[Errno 122\] Disk quota .*; "
+                                                  f"there is no earlier checkpoint under {tmp_path}$"):
+        save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {})
+    assert not list(tmp_path.iterdir())
+
+
+def test_torch_writer_failing_for_real(tmp_path):
+    """A real short write (a file size limit: torch's writer reports it as the
+    RuntimeError of a full disk) in a child process."""
+    save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
+    child = textwrap.dedent("""
+        import resource, signal, sys, torch
+        from rlhf_engine.engine.checkpoint import CheckpointSaveError, save_checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+        try:
+            save_checkpoint(sys.argv[1], 2, {"m": {"w": torch.ones(4096)}}, {"v": 2})
+        except CheckpointSaveError as error:
+            print(error)
+    """)
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(rf"cannot save checkpoint step 2 under {tmp_path}: a write came up short \(.*unexpected pos "
+                        rf".*\): the device may be full .*; the previous checkpoint .*step-00000001 is intact\n",
+                        done.stdout), done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
 
 

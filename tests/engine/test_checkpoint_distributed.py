@@ -1,6 +1,8 @@
 """Sharded checkpoints: 2 CPU ranks (gloo) shard a tiny Llama with FSDP2,
 take an AdamW step and save; a single process without a process group and
 2 ranks load it back. The ranks run tests/engine/checkpoint_ranks.py."""
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,25 @@ def test_two_ranks_resume_and_continue_identically(runs):
 def test_a_rank_failing_to_write_fails_the_save_on_every_rank(runs):
     root, saved, _ = runs
     own, other = saved["failures"][1], saved["failures"][0]
-    assert own == "OSError: disk full"
-    assert other.startswith("RuntimeError:") and "rank 1: OSError: disk full" in other
+    intact = f"; the previous checkpoint {root / 'step-00000001'} is intact"
+    assert own.startswith(f"CheckpointSaveError: cannot save checkpoint step 2 under {root}: disk full (writing ")
+    assert own.endswith(intact)
+    assert other.startswith(f"CheckpointSaveError: cannot save checkpoint step 2 under {root}: writing the tensors "
+                            f"of checkpoint step 2 failed on rank 1: OSError: disk full") and other.endswith(intact)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001"]
+
+
+def test_every_ranks_shards_have_checksums(runs):
+    root, _, _ = runs
+    path = root / "step-00000001"
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["objects.pt", "tensors/.metadata", "tensors/__0_0.distcp", "tensors/__1_0.distcp"]
+    for name, record in files.items():
+        assert record["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest(), name
+
+
+def test_two_ranks_refuse_a_damaged_shard(runs):
+    _, _, resumed = runs
+    for rank, message in enumerate(resumed["damaged"]):  # rank 1 verifies the shard, rank 0 hears of it
+        assert message.startswith("CheckpointError: " + ("" if rank else "loading checkpoint ")), message
+        assert "damaged checkpoint" in message and "tensors/__1_0.distcp does not match its sha256" in message
