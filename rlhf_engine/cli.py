@@ -7,10 +7,13 @@
 
 ``rlhf-engine COMMAND --help`` lists a command's options and defaults.
 Options come from the defaults, then ``--config FILE`` (YAML or JSON), then
-the flags (flags win). Every command writes a run folder (``--out``);
-Ctrl-C saves a checkpoint and exits with status 130; ``--resume`` continues.
-Bad data or options exit with status 2 and a message naming the file, line
-and field.
+the flags (flags win). Every command writes a run folder (``--out``), one
+process at a time; Ctrl-C or SIGTERM saves a checkpoint and exits with
+status 130 or 143; ``--resume`` continues.
+Every option is checked when the command's options are built, before the
+run folder opens or any model loads: a bad value, bad data or a run folder
+that cannot be written exits with status 2 and one line naming the option
+(or the file, line and field).
 
 Under ``torchrun --nproc_per_node=N rlhf-engine COMMAND ...`` the command
 runs data-parallel on N ranks (torch.distributed: NCCL on GPUs, gloo on
@@ -20,8 +23,10 @@ responding for ``--dist_timeout`` seconds, end the command on every rank
 with a one-line message (status 2 and 1).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,11 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 
 def _bench(args):
+    problem = (f"--iterations must be an int >= 1, got {args.iterations}" if args.iterations < 1 else
+               f"--warmup must be an int >= 0, got {args.warmup}" if args.warmup < 0 else
+               args.json and writable_problem(Path(args.json).parent, "--json", args.json))
+    if problem:
+        return _error("bench", problem)
     from rlhf_engine.bench import run_ppo_bench
 
     report = run_ppo_bench(args.size, iterations=args.iterations, warmup=args.warmup)
@@ -37,6 +47,34 @@ def _bench(args):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     print(text)
+    return 0
+
+
+def writable_problem(folder, flag: str, value: str) -> Optional[str]:
+    """Why files cannot be written into ``folder`` (created if missing), the
+    folder of option ``flag`` given as ``value``; None when they can. Checks
+    the folder, or its nearest existing parent: a folder, writable, not on a
+    read-only file system. Creates nothing."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "is not a folder"
+    elif _read_only(existing):
+        problem = "is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable (permission denied)"
+    else:
+        return None
+    return f"{flag} {value}: cannot write into the folder {folder}: {existing} {problem}"
+
+
+def _read_only(path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +83,9 @@ class Command:
     first); ``handler()`` returns ``run(run, *configs) -> result``, where
     ``configs`` are the parsed options after RunOptions, or the one object
     ``prepare()(*options)`` makes of them. ``check()(*options)`` raises
-    ValueError for options that are each valid but do not go together
-    (exit 2 before the run folder opens or any model loads). ``defaults``
+    ValueError for options that are each valid but do not go together, or
+    name what is not there (a model folder, prompts the gold judge cannot
+    score): exit 2 before the run folder opens or any model loads. ``defaults``
     and ``presets()``: see :func:`rlhf_engine.pipeline.config.parse_command`."""
 
     help: str
@@ -112,19 +151,21 @@ def _handler(module, name):
 
 COMMANDS: Dict[str, Command] = {
     "sft": Command("Supervised fine-tuning on demonstrations.", _sft_types,
-                   _handler("rlhf_engine.pipeline.run", "run_sft_command")),
+                   _handler("rlhf_engine.pipeline.run", "run_sft_command"),
+                   check=_handler("rlhf_engine.pipeline.config", "check_sft_command")),
     "rm": Command("Reward model from comparisons and rankings.", _rm_types,
                   _handler("rlhf_engine.pipeline.run", "run_rm_command"),
                   check=_handler("rlhf_engine.pipeline.run", "check_rm_options")),
     "ppo": Command("PPO of an SFT model against a reward model.", _ppo_types,
                    _handler("rlhf_engine.pipeline.ppo_stage", "run_ppo_command"),
-                   check=_handler("rlhf_engine.pipeline.ppo_stage", "check_ppo_options")),
+                   check=_handler("rlhf_engine.pipeline.config", "check_ppo_command")),
     "pipeline": Command("The built-in task end to end (SFT -> RM -> PPO -> evaluation -> report); no download.",
                         _pipeline_types, _handler("rlhf_engine.pipeline.builtin", "run_pipeline"),
                         prepare=_handler("rlhf_engine.pipeline.builtin", "stage_configs"),
                         defaults={"threads": 1}, presets=_pipeline_presets, device_option="ppo_device"),
     "eval": Command("Win rate of one policy over another, judged by a reward model or the gold judge.",
-                    _eval_types, _handler("rlhf_engine.pipeline.run", "run_eval_command")),
+                    _eval_types, _handler("rlhf_engine.pipeline.run", "run_eval_command"),
+                    check=_handler("rlhf_engine.pipeline.config", "check_eval_command")),
 }
 
 
@@ -161,7 +202,7 @@ def run_command(name: str, argv) -> int:
     """Parse ``argv`` for command ``name``, run it in its run folder and
     print its result as JSON (rank 0); returns the exit status (0, 2 on bad
     data or options or ranks that disagree on them, 1 when another rank
-    failed, 130 on Ctrl-C).
+    failed, 130 on Ctrl-C, 143 on SIGTERM).
 
     Under torchrun every rank runs this: it joins the process group
     (``--dist_timeout``), checks that every rank resolved the same options,
@@ -203,26 +244,36 @@ def run_command(name: str, argv) -> int:
 def _run_in_folder(name, command, run_options, configs, resolved, device) -> int:
     from rlhf_engine import distributed
     from rlhf_engine.pipeline.data import DataError
-    from rlhf_engine.pipeline.run import Interrupted, Run, UsageError
+    from rlhf_engine.pipeline.run import Interrupted, Run, UsageError, exit_status
 
     main = distributed.layout().is_main
     # every rank writes into rank 0's folder (a default name holds the time)
     out = distributed.all_gather_object(run_options.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")[0]
+    # a folder rank 0 cannot write: one line on every rank before any work starts
+    problem = distributed.all_gather_object(writable_problem(out, "--out", out) if main else None)[0]
+    if problem is not None:
+        return _error(name, problem)
     resume_hint = f"resume with: rlhf-engine {name} --out {out} --resume"
     try:
-        with Run(out, name, resolved, resume=run_options.resume, device=device) as run:
+        with contextlib.ExitStack() as stack:
+            try:
+                run = stack.enter_context(Run(out, name, resolved, resume=run_options.resume,
+                                              restart_stage=run_options.restart_stage, device=device))
+            except OSError as exc:  # the run folder, its config.json, log or TensorBoard files cannot be written
+                return _error(name, f"--out {out}: cannot write the run folder ({exc.strerror or exc}"
+                                    f"{': ' + str(exc.filename) if exc.filename else ''})")
             result = command.handler()(run, *configs)
     except (DataError, UsageError) as exc:
         return _error(name, str(exc))
     except Interrupted as exc:
         if main:
             print(f"rlhf-engine {name}: {exc}; {resume_hint}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
+        return exit_status(exc)
+    except KeyboardInterrupt as exc:
         if main:
             print(f"rlhf-engine {name}: interrupted; finished stages are kept in {out}; {resume_hint}",
                   file=sys.stderr)
-        return 130
+        return exit_status(exc)
     if main:
         print(json.dumps({key: value for key, value in result.items() if key != "examples"}, indent=2))
     return 0
@@ -235,8 +286,7 @@ def main(argv=None):
     if args.command in COMMANDS:
         return run_command(args.command, rest)
     args = parser.parse_args(argv)
-    args.run(args)
-    return 0
+    return args.run(args)
 
 
 if __name__ == "__main__":

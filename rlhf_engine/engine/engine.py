@@ -80,6 +80,19 @@ def lr_factor(step, *, warmup, total, schedule):
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def set_peak_lrs(scheduler, lrs):
+    """Make a ``LambdaLR`` restored from a checkpoint continue with the peak
+    learning rates ``lrs`` (one per parameter group) under its own lambdas
+    at its current step: the rates a run configured with ``lrs`` uses from
+    here (a resumed run's configured ``lr`` applies, not the checkpoint's).
+    With the checkpoint's own rates it changes nothing (the same products)."""
+    scheduler.base_lrs = [float(lr) for lr in lrs]
+    last = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, last):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = last  # what get_last_lr() reports (torch keeps it there)
+
+
 def left_pad(sequences, pad_id):
     """``list[list[int]]`` -> ``(ids [B, P] int64, mask [B, P] bool)``, left-padded."""
     width = max(len(s) for s in sequences)
@@ -744,9 +757,18 @@ class RLHFEngine:
             set_model_state_dict(model, tensors[name])
             set_optimizer_state_dict(model, optimizer, tensors[f"{name}_optim"])
             self.schedulers[name].load_state_dict(objects["schedulers"][name])
-        changed = self.kl.load_state_dict(objects["kl"])
+        # The configured learning rates apply from the resumed step on, not the checkpoint's (the same
+        # schedule shape at the same step); a change is reported with the KL controller's.
+        changed = []
+        for name, lr in (("policy", self.config.lr), ("critic", self.config.critic_lr)):
+            if name in self.schedulers:
+                saved = self.schedulers[name].base_lrs[0]
+                if saved != lr:
+                    changed.append(f"{'lr' if name == 'policy' else 'critic_lr'} {saved!r} -> {lr!r}")
+                set_peak_lrs(self.schedulers[name], [lr] * len(self.optimizers[name].param_groups))
+        changed += self.kl.load_state_dict(objects["kl"])
         if changed:
-            warnings.warn(f"{path}: the KL controller continues with this config's settings, not the checkpoint's: "
+            warnings.warn(f"{path}: the run continues with this config's settings, not the checkpoint's: "
                           f"{'; '.join(changed)}", stacklevel=2)
         restore_rng(objects["rng"], [self.shuffle_generator])
         self.iteration = objects["iteration"]

@@ -5,12 +5,25 @@ decodes losslessly whatever the training corpus; the corpus only decides
 which merges exist. Special tokens: ``<pad>`` (id 0), ``<bos>`` (1),
 ``<eos>`` (2); ``encode`` adds none of them. Prompts pad on the left, the
 layout the engine's batches use.
+
+Learning the merges costs time quadratic in the length of a pre-tokenized
+word, so the trainer never sees a run of more than :data:`MAX_WORD_CHARS`
+non-space (or space) characters: :func:`training_texts` cuts longer runs
+into pieces (a 1 MB line without a space trains in well under a second).
+Ordinary text, whose words are shorter, is passed through unchanged.
 """
+import re
+from typing import Iterable, Iterator
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 bytes as printable characters
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(_ALPHABET)  # the special tokens and the 256 bytes
+# The longest run of non-space (or of space) characters the BPE trainer is given: a byte-level word is at most
+# one such run plus a leading space, and the trainer's time grows with the square of a word's length.
+MAX_WORD_CHARS = 256
 
 # The default training text: plain English prose written for this module, so
 # the default tokenizer is the same everywhere.
@@ -93,6 +106,30 @@ Your friend
 """
 
 
+def training_texts(corpus: Iterable[str], max_word_chars: int = MAX_WORD_CHARS) -> Iterator[str]:
+    """The texts of ``corpus`` as the BPE trainer gets them: a text with a
+    run of ``max_word_chars`` or more non-space (or space) characters is cut
+    into pieces, each such run into pieces of at most ``max_word_chars``
+    characters, so that no pre-tokenized word is longer than
+    ``max_word_chars + 1`` characters. The pieces, joined, give the text
+    back; a text without such a run is yielded as it is."""
+    if isinstance(max_word_chars, bool) or not isinstance(max_word_chars, int) or max_word_chars < 1:
+        raise ValueError(f"max_word_chars must be an int >= 1, got {max_word_chars!r}")
+    long_run = re.compile(r"\S{%d}|\s{%d}" % (max_word_chars, max_word_chars))
+    for text in corpus:
+        if len(text) < max_word_chars:
+            yield text
+            continue
+        start = 0
+        for match in long_run.finditer(text):
+            if match.start() > start:
+                yield text[start:match.start()]
+            yield match.group()
+            start = match.end()
+        if start < len(text):
+            yield text[start:]
+
+
 def byte_tokenizer(corpus=None, vocab_size=450):
     """A byte-level BPE tokenizer trained on ``corpus``.
 
@@ -100,6 +137,8 @@ def byte_tokenizer(corpus=None, vocab_size=450):
         corpus: iterable of str to learn merges from; None: :data:`DEFAULT_CORPUS`.
         vocab_size: total vocabulary (3 special tokens + 256 bytes + merges);
             reached exactly when the corpus has enough distinct merges.
+
+    Long runs of characters are cut before training (:func:`training_texts`).
 
     Returns:
         a ``PreTrainedTokenizerFast`` with ``pad_token``/``bos_token``/
@@ -110,9 +149,9 @@ def byte_tokenizer(corpus=None, vocab_size=450):
         ValueError: ``vocab_size`` cannot hold the special tokens and bytes,
             or ``corpus`` is a plain string (an iterable of texts is expected).
     """
-    floor = len(SPECIAL_TOKENS) + len(_ALPHABET)
-    if not isinstance(vocab_size, int) or vocab_size < floor:
-        raise ValueError(f"vocab_size must be an int >= {floor} (special tokens + 256 bytes), got {vocab_size!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (special tokens + 256 bytes), "
+                         f"got {vocab_size!r}")
     if isinstance(corpus, str):
         raise ValueError("corpus must be an iterable of str, not a single str (it would be read one character "
                          "at a time)")
@@ -122,7 +161,7 @@ def byte_tokenizer(corpus=None, vocab_size=450):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=_ALPHABET, show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend.train_from_iterator(training_texts(texts), trainer=trainer)
     pad, bos, eos = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, bos_token=bos, eos_token=eos,
                                    padding_side="left", clean_up_tokenization_spaces=False)

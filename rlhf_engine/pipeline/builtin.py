@@ -27,6 +27,7 @@ Every stage runs on ``--ppo_device``; under torch.distributed (``torchrun``)
 the training stages are data-parallel (rank 0 writes the data, the records
 and the report), with results that do not depend on the world size.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,10 +40,11 @@ from rlhf_engine import distributed
 from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
-from rlhf_engine.models.tokenizer import byte_tokenizer
+from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE, byte_tokenizer
 from rlhf_engine.pipeline import batching, report, task
 from rlhf_engine.pipeline.config import prefixed, unprefixed
-from rlhf_engine.pipeline.data import PLAIN_SEPARATOR, Comparison, encode_prompt, read_jsonl, write_jsonl
+from rlhf_engine.pipeline.data import (PLAIN_SEPARATOR, Comparison, LengthPolicyError, encode_prompt, read_jsonl,
+                                       write_jsonl)
 from rlhf_engine.pipeline.evaluate import generate_responses, judge_gold, judge_reward_model, win_rate
 from rlhf_engine.pipeline.ppo_stage import PolicyProbe, PPOStageConfig, check_ptx_options, encode_ptx, train_ppo
 from rlhf_engine.pipeline.reward import RMConfig, train_reward_model
@@ -95,7 +97,11 @@ class TaskConfig:
         for name in ("data_seed", "model_seed", "nokl_iterations", "policy_layers", "policy_intermediate_size"):
             _check_int(name, getattr(self, name), 0)
         _check_int("ranking_size", self.ranking_size, 2)
-        for name in ("demo_noise", "annotator_beta", "nokl_lr", "kl_bound"):
+        _check_int("vocab_size", self.vocab_size, MIN_VOCAB_SIZE)
+        if isinstance(self.demo_noise, bool) or not isinstance(self.demo_noise, (int, float)) or \
+                not 0 <= self.demo_noise <= 1:
+            raise ValueError(f"demo_noise must be a number in [0, 1], got {self.demo_noise!r}")
+        for name in ("annotator_beta", "nokl_lr", "kl_bound"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -150,7 +156,32 @@ def stage_configs(task_config: TaskConfig, sft, rm, ppo, engine) -> StageConfigs
     if configs.rm.normalize_rewards and not configs.sft.eval_fraction:
         raise ValueError("--rm_normalize_rewards (on by default) scores the SFT stage's held-out demonstrations: "
                          "set --sft_eval_fraction > 0, or --rm_normalize_rewards false")
+    if configs.rm.normalize_rewards and task_config.demonstrations < 2:
+        raise ValueError(f"demonstrations={task_config.demonstrations}: --rm_normalize_rewards (on by default) "
+                         f"scores demonstrations the SFT stage holds out, and it trains on at least one: set "
+                         f"--demonstrations >= 2, or --rm_normalize_rewards false")
+    if task_config.nokl_iterations:  # the engine config of the run without KL penalty, refused here rather than later
+        try:
+            nokl_engine(configs)
+        except ValueError as exc:
+            raise ValueError(f"the PPO run without KL penalty (--nokl_iterations {task_config.nokl_iterations}, "
+                             f"--nokl_lr {task_config.nokl_lr}): {exc}") from None
     return configs
+
+
+def nokl_engine(configs: StageConfigs) -> EngineConfig:
+    """The engine config of the PPO run without KL penalty: the PPO run's, with kl_coef 0 and ``nokl_lr``."""
+    return dataclasses.replace(configs.engine, kl_coef=0.0, kl_target=None, lr=configs.task.nokl_lr)
+
+
+@contextlib.contextmanager
+def _stage_options(prefix: str):
+    """A length policy that drops every example of a stage named with the
+    stage's own flags (``--sft_max_length``, ...)."""
+    try:
+        yield
+    except LengthPolicyError as exc:
+        raise exc.with_prefix(prefix) from None
 
 
 # -- data and models ------------------------------------------------------------------
@@ -215,15 +246,17 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
     policy = build_policy(cfg.policy_size, tokenizer, seed=cfg.model_seed, **overrides)
     run.log(f"policy: Llama '{cfg.policy_size}' {overrides}, {sum(p.numel() for p in policy.parameters()):,} "
             f"parameters, vocabulary {len(tokenizer)}")
-    train_stage(run, "sft", policy, tokenizer, train_sft, data["demonstrations"], None, configs.sft)
+    with _stage_options("sft_"):
+        train_stage(run, "sft", policy, tokenizer, train_sft, data["demonstrations"], None, configs.sft)
     sft_model = _load_lm(run.model_dir("sft"))
 
     reward_model = reward_model_from_causal_lm(sft_model, seed=cfg.model_seed)
     # rewards normalised on the demonstrations the SFT stage held out (train_sft's own split)
     held_out = batching.split_eval(data["demonstrations"], configs.sft.eval_fraction, configs.sft.seed)[1]
     train_rm = functools.partial(train_reward_model, demonstrations=held_out)
-    rm_result = train_stage(run, "rm", reward_model, tokenizer, train_rm, data["rankings"], data["rm_eval"],
-                            configs.rm, postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
+    with _stage_options("rm_"):
+        rm_result = train_stage(run, "rm", reward_model, tokenizer, train_rm, data["rankings"], data["rm_eval"],
+                                configs.rm, postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
     reward_model = load_reward_model(str(run.model_dir("rm")))
 
     judge_rm = functools.partial(judge_reward_model, reward_model, tokenizer, batch_size=cfg.eval_batch_size)
@@ -235,13 +268,14 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
     ptx_rows = None
     if engine_cfg.ptx_coef > 0:  # PPO-ptx on the SFT stage's training demonstrations, encoded as it encodes them
         sft_train = batching.split_eval(data["demonstrations"], configs.sft.eval_fraction, configs.sft.seed)[0]
-        ptx_rows, length_report = encode_ptx(tokenizer, sft_train, configs.sft.max_length, configs.sft.length_policy)
+        with _stage_options("sft_"):
+            ptx_rows, length_report = encode_ptx(tokenizer, sft_train, configs.sft.max_length,
+                                                 configs.sft.length_policy)
         run.log(f"PPO-ptx: the SFT stage's {len(ptx_rows)} training demonstrations ({length_report})")
     ppo_result = _ppo(run, "ppo", sft_model, reward_model, tokenizer, engine_cfg, configs.ppo, prompt_ids, probe,
                       ptx_rows)
     if cfg.nokl_iterations:
-        nokl_cfg = dataclasses.replace(engine_cfg, kl_coef=0.0, kl_target=None, lr=cfg.nokl_lr)
-        _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_cfg,
+        _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_engine(configs),
              dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe, ptx_rows)
 
     evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, _placed(sft_model, run.device),

@@ -12,19 +12,37 @@ options.
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser
 
-from rlhf_engine.pipeline.data import LENGTH_POLICIES
+from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE
+from rlhf_engine.pipeline import task
+from rlhf_engine.pipeline.data import LENGTH_POLICIES, DataError, read_jsonl
 from rlhf_engine.pipeline.training import option
 
 CONFIG_FILE = "config.json"
 # Flags about this invocation only: never written to config.json, never read from it.
-INVOCATION_ONLY = ("config", "resume")
+INVOCATION_ONLY = ("config", "resume", "restart_stage")
+
+
+def _check_int(obj, name: str, minimum: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_device(value) -> None:
+    """'auto', 'cpu', 'cuda' (on a machine with CUDA) or 'cuda:N' (an existing GPU), as the engine's ``device``."""
+    if value != "auto":
+        from rlhf_engine.engine.config import _check_device as check_engine_device
+
+        check_engine_device(value)
 
 
 @dataclasses.dataclass
@@ -34,14 +52,19 @@ class RunOptions:
     out: str = option("", "Run folder: config.json, metrics.jsonl, TensorBoard events (tb/), log.txt, checkpoints "
                           "and model folders (default: runs/<command>-<date>-<time>).")
     resume: bool = option(False, "Continue the run in --out from its checkpoints (options come from its config.json "
-                                 "unless --config is given; flags still win).")
+                                 "unless --config is given; flags still win, and only learning rates, the run's "
+                                 "length, eval/save cadence, KL target/horizon, device and threads may change).")
+    restart_stage: bool = option(False, "With --resume: when there is nothing to continue (no stage finished, no "
+                                        "checkpoint) or every checkpoint of the interrupted stage is damaged, train "
+                                        "that stage again from step 0 instead of stopping with an error.")
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core).")
     dist_timeout: float = option(600.0, "Under torchrun: seconds a collective waits for the other ranks before "
                                         "the command fails naming the rank that stopped responding.")
 
     def __post_init__(self):
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
+        if self.restart_stage and not self.resume:
+            raise ValueError("--restart_stage only applies with --resume")
+        _check_int(self, "threads", 0)
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or \
                 not 0 < self.dist_timeout < float("inf"):
             raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
@@ -68,7 +91,13 @@ class SFTData:
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
     def __post_init__(self):
-        _required(self, "train_file")
+        _required(self, "model", "train_file")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or \
+                self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (the 3 special tokens and the 256 "
+                             f"bytes of the byte-level tokenizer), got {self.vocab_size!r}")
+        _check_int(self, "model_seed", 0)
+        _check_device(self.device)
 
 
 @dataclasses.dataclass
@@ -92,6 +121,8 @@ class RMData:
         _required(self, "model")
         if not (self.comparisons or self.rankings):
             raise ValueError("--comparisons or --rankings (or both) is required")
+        _check_int(self, "model_seed", 0)
+        _check_device(self.device)
 
 
 @dataclasses.dataclass
@@ -116,11 +147,12 @@ class PPOData:
 
     def __post_init__(self):
         _required(self, "policy", "reward_model", "prompts")
-        if isinstance(self.ptx_max_length, bool) or not isinstance(self.ptx_max_length, int) or \
-                self.ptx_max_length < 2:
-            raise ValueError(f"ptx_max_length must be an int >= 2, got {self.ptx_max_length!r}")
+        _check_int(self, "ptx_max_length", 2)
         if self.ptx_length_policy not in LENGTH_POLICIES:
             raise ValueError(f"ptx_length_policy must be one of {LENGTH_POLICIES}, got {self.ptx_length_policy!r}")
+        if self.gold_judge and not self.eval_prompts:
+            raise ValueError("--gold_judge probes the policy on --eval_prompts, which is not given: give "
+                             "--eval_prompts FILE (prompts of the built-in task) or drop --gold_judge")
 
 
 @dataclasses.dataclass
@@ -139,7 +171,77 @@ class EvalOptions:
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
 
     def __post_init__(self):
-        _required(self, "policy_a", "policy_b", "prompts")
+        _required(self, "policy_a", "policy_b", "prompts", "judge")
+        _check_int(self, "max_new_tokens", 1)
+        _check_int(self, "seed", 0)
+        _check_int(self, "batch_size", 1)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
+                not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        _check_device(self.device)
+
+
+# -- the commands' checks before the run folder opens (``check`` of rlhf_engine.cli.Command) ----------------------
+
+def check_model_folder(flag: str, path: str, sizes: Sequence[str] = ()) -> None:
+    """Refuse (ValueError) a ``path`` given as ``flag`` that is not a folder
+    (nor one of ``sizes``, the names of new models a flag also takes); what
+    the folder holds is checked when it is loaded."""
+    if path in sizes:
+        return
+    if not Path(path).is_dir():
+        also = f" (nor a new model's size: one of {sorted(sizes)})" if sizes else ""
+        raise ValueError(f"{flag} {path}: no such model folder{also}")
+
+
+def check_gold_prompts(path: str, flag: str, instead: str) -> None:
+    """Refuse (:class:`~rlhf_engine.pipeline.data.DataError`, naming the
+    file, line and field) prompts in ``path`` that are not the built-in
+    task's: the gold judge, asked for by ``flag``, scores no others.
+    ``instead``: what to do about it."""
+    def check(record):
+        try:
+            task.check_prompt(record.prompt)
+        except ValueError:
+            shown = record.prompt if len(record.prompt) <= 40 else record.prompt[:37] + "..."
+            raise DataError(f"{shown!r} is not a prompt of the built-in task ('<family>: <word>' or "
+                            f"'count <letter>: <word>', family one of {', '.join(task.FAMILIES)}), the only "
+                            f"prompts the gold judge ({flag}) can score: {instead}", field="prompt") from None
+
+    read_jsonl(path, "prompts", check=check)
+
+
+def check_sft_command(data: SFTData, config) -> None:
+    """``rlhf-engine sft``: ``--model`` is a new model's size or a model folder."""
+    from rlhf_engine.models.builders import SIZES
+
+    check_model_folder("--model", data.model, sizes=tuple(SIZES))
+
+
+def check_ppo_command(data: PPOData, stage_config, engine_config) -> None:
+    """``rlhf-engine ppo``: the PPO-ptx options
+    (:func:`~rlhf_engine.pipeline.ppo_stage.check_ppo_options`), the model
+    folders, and with ``--gold_judge`` the evaluation prompts."""
+    from rlhf_engine.pipeline.ppo_stage import check_ppo_options
+
+    check_ppo_options(data, stage_config, engine_config)
+    for flag in ("policy", "reward_model", "critic"):
+        if getattr(data, flag):
+            check_model_folder(f"--{flag}", getattr(data, flag))
+    if data.gold_judge:
+        check_gold_prompts(data.eval_prompts, "--gold_judge", "drop --gold_judge (the reward model still probes "
+                                                                "the policy)")
+
+
+def check_eval_command(options: EvalOptions) -> None:
+    """``rlhf-engine eval``: the model folders, and with ``--judge gold``
+    (the default) the prompts."""
+    for flag in ("policy_a", "policy_b"):
+        check_model_folder(f"--{flag}", getattr(options, flag))
+    if options.judge == "gold":
+        check_gold_prompts(options.prompts, "--judge gold", "give --judge RM_DIR (a reward model folder)")
+    else:
+        check_model_folder("--judge", options.judge)
 
 
 def prefixed(cls, prefix: str, name: Optional[str] = None, **defaults):
@@ -159,8 +261,26 @@ def prefixed(cls, prefix: str, name: Optional[str] = None, **defaults):
 
 
 def unprefixed(obj, cls, prefix: str):
-    """The ``cls`` instance whose fields are ``obj``'s ``prefix + name`` fields."""
-    return cls(**{f.name: getattr(obj, prefix + f.name) for f in dataclasses.fields(cls)})
+    """The ``cls`` instance whose fields are ``obj``'s ``prefix + name`` fields.
+
+    Raises:
+        ValueError: ``cls`` refuses the values; its message names the
+            options as the command line does (``sft_batch_size must be
+            ...``, ``ppo_device='cuda', ...``).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    try:
+        return cls(**{name: getattr(obj, prefix + name) for name in names})
+    except ValueError as exc:
+        raise ValueError(prefix_option_names(str(exc), names, prefix)) from None
+
+
+def prefix_option_names(message: str, names: Sequence[str], prefix: str) -> str:
+    """``message`` with the option ``names`` it starts with (``name must
+    ...``, ``--name ...``) or sets (``name=value``) given ``prefix``."""
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    pattern = re.compile(rf"(^(?:--)?|(?<![\w-])--|(?<![\w-])(?=(?:{alternatives})=))({alternatives})\b")
+    return pattern.sub(lambda m: f"{m.group(1)}{prefix}{m.group(2)}", message)
 
 
 def option_names(dataclass_types: Iterable[type]) -> Tuple[str, ...]:
@@ -216,6 +336,11 @@ def build_parser(dataclass_types: Sequence[type], *, prog: str, description: str
     (``--help`` shows each one's help and default), plus ``--config FILE``
     and one boolean flag per preset (``{flag: (help, values)}``)."""
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+
+    def one_line_error(message):  # as every other bad option: one line, status 2 (not the whole usage)
+        parser.exit(2, f"{prog}: error: {message} (`{prog} --help` lists the options)\n")
+
+    parser.error = one_line_error
     _accept_none(parser, dataclass_types)
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of options (a flat mapping of option names to values); "

@@ -33,7 +33,7 @@ import json
 import math
 import os
 import tempfile
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from rlhf_engine.models.prompts import PLAIN_SEPARATOR, encode_prompt  # noqa: F401 (the prompt format)
 
@@ -55,6 +55,26 @@ class DataError(ValueError):
         where = [part for part in (path, None if line is None else f"line {line}",
                                    None if field is None else f"field '{field}'") if part]
         super().__init__(": ".join([", ".join(where), problem]) if where else problem)
+
+
+class LengthPolicyError(DataError):
+    """``--length_policy drop`` dropped every one of ``count`` examples: all
+    are longer than ``max_length`` tokens. ``option_prefix``: the prefix of
+    the options' flags in the message (``ptx_`` for ``--ptx_max_length``);
+    :meth:`with_prefix` names other flags."""
+
+    def __init__(self, count: int, max_length: int, option_prefix: str = ""):
+        self.count, self.max_length, self.option_prefix = count, max_length, option_prefix
+        p = option_prefix
+        super().__init__(f"--{p}length_policy drop drops every example: all {count} examples are longer than "
+                         f"max_length={max_length} tokens of prompt + response (--{p}max_length {max_length}); "
+                         f"raise --{p}max_length or use --{p}length_policy truncate")
+
+    def with_prefix(self, option_prefix: str) -> "LengthPolicyError":
+        return LengthPolicyError(self.count, self.max_length, option_prefix)
+
+    def __reduce__(self):
+        return type(self), (self.count, self.max_length, self.option_prefix)
 
 
 _JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "a number", float: "a number",
@@ -170,8 +190,11 @@ def _parse_line(text: str, cls: type) -> Record:
     return cls(**values)
 
 
-def read_jsonl(path, kind: str) -> List[Record]:
+def read_jsonl(path, kind: str, check: Optional[Callable[[Record], None]] = None) -> List[Record]:
     """Read and validate a JSONL file of ``kind`` records (see the module doc).
+
+    ``check(record)``: a further rule of the caller's, raising
+    :class:`DataError` (its ``field``; the file and line are added).
 
     Raises :class:`DataError` naming the file, line and field of the first
     bad record, or the file when it cannot be read or holds no record.
@@ -189,6 +212,8 @@ def read_jsonl(path, kind: str) -> List[Record]:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             if text.strip():
                 records.append(_parse_line(text, cls))
+                if check is not None:
+                    check(records[-1])
         except UnicodeDecodeError as exc:
             raise DataError(f"not valid UTF-8 (byte {exc.start})", path=path, line=number) from None
         except DataError as exc:
@@ -351,10 +376,16 @@ class LengthReport:
         return f"dropped {self.dropped} of {self.total}, truncated {self.truncated}"
 
 
-def fit_examples(examples: Sequence[Encoded], max_length: int,
-                 policy: str) -> Tuple[List[Encoded], LengthReport]:
+def fit_examples(examples: Sequence[Encoded], max_length: int, policy: str, *,
+                 option_prefix: str = "") -> Tuple[List[Encoded], LengthReport]:
     """Apply :func:`fit_group` to every example: the kept (possibly
-    truncated) examples in order, and the counts."""
+    truncated) examples in order, and the counts.
+
+    Raises:
+        LengthPolicyError: ``policy="drop"`` dropped every one of the
+            (one or more) examples (its message names the flags
+            ``--{option_prefix}max_length`` and ``--{option_prefix}length_policy``).
+    """
     _check_length_args(max_length, policy)
     kept, truncated = [], 0
     for example in examples:
@@ -366,4 +397,6 @@ def fit_examples(examples: Sequence[Encoded], max_length: int,
                 len(new) != len(old) for new, old in zip(responses, example.responses)):
             truncated += 1
         kept.append(Encoded(example.record, prompt_ids, responses))
+    if examples and not kept:
+        raise LengthPolicyError(len(examples), max_length, option_prefix)
     return kept, LengthReport(kept=len(kept), truncated=truncated, dropped=len(examples) - len(kept))

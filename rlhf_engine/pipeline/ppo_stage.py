@@ -38,13 +38,13 @@ import itertools
 import math
 import statistics
 import time
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from rlhf_engine import distributed
 from rlhf_engine.engine import RLHFEngine
-from rlhf_engine.engine.checkpoint import latest_checkpoint
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.pipeline import batching
@@ -55,7 +55,7 @@ from rlhf_engine.pipeline.evaluate import (Judge, decode_responses, judge_gold, 
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.run import (Interrupted, Run, UsageError, check_same_tokenizer, load_causal_lm,
                                       load_reward_model, load_tokenizer)
-from rlhf_engine.pipeline.training import global_sums, option
+from rlhf_engine.pipeline.training import SaveClock, check_minutes, global_sums, option
 
 
 @dataclasses.dataclass
@@ -64,7 +64,12 @@ class PPOStageConfig:
 
     prompts_per_iteration: int = option(64, "Prompts per PPO iteration (each sampled samples_per_prompt times).")
     iterations: int = option(0, "PPO iterations (0: one pass over the prompts).")
-    save_every: int = option(50, "Write a resumable checkpoint every this many iterations (0: only on Ctrl-C).")
+    save_every: int = option(50, "Write a resumable checkpoint every this many iterations (0: by time only, see "
+                                 "save_every_minutes); one is also written when the run is stopped (Ctrl-C, "
+                                 "SIGTERM).")
+    save_every_minutes: float = option(10.0, "Also write a resumable checkpoint before the first iteration that "
+                                             "starts this many minutes after the last one (0: by iterations only), "
+                                             "so that a crash loses at most this much training.")
     eval_every: int = option(10, "Probe the policy on the evaluation prompts every this many iterations and after "
                                  "the last (0: never).")
     ptx_rows_per_step: int = option(0, "PPO-ptx (ptx_coef > 0): demonstrations per optimizer step, each step its "
@@ -77,6 +82,7 @@ class PPOStageConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_minutes(self.save_every_minutes)
 
     def num_iterations(self, num_prompts: int) -> int:
         return self.iterations or math.ceil(num_prompts / self.prompts_per_iteration)
@@ -116,10 +122,7 @@ def encode_ptx(tokenizer, demonstrations: Sequence[Demonstration], max_length: i
         if not isinstance(record, Demonstration):
             raise ValueError(f"ptx data[{i}] must be a Demonstration, got {type(record).__name__}")
     examples, report = fit_examples([encode_record(tokenizer, d) for d in demonstrations], max_length,
-                                    length_policy)
-    if not examples:
-        raise ValueError(f"ptx data: all {len(demonstrations)} demonstrations are longer than "
-                         f"max_length={max_length} (length_policy='drop')")
+                                    length_policy, option_prefix="ptx_")
     return [(e.prompt_ids, e.responses[0]) for e in examples], report
 
 
@@ -308,13 +311,21 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         PPO-ptx, ``ptx_loss_mean`` (of the engine's ``ptx/loss``). A finished
         stage is skipped (its result returned; load ``run.model_dir(stage)``).
 
+    Checkpoints (``<stage>/checkpoints``, :meth:`RLHFEngine.save`) are
+    written every ``config.save_every`` iterations, before the first
+    iteration that starts ``config.save_every_minutes`` after the last save,
+    and on a stop; a resumed run continues from the latest usable one
+    (:meth:`Run.resume_point`) with this config's learning rates
+    (``engine.config.lr``/``critic_lr``), KL target and iterations.
+
     Under torch.distributed every rank calls it: each passes its share of
     an iteration's prompts to ``engine.step`` (``prompts_per_iteration``
     must divide by the world size) and of its PPO-ptx rows (so must the rows
-    per step), and Ctrl-C on any rank stops every rank at the same iteration.
+    per step), and Ctrl-C (or SIGTERM) on any rank stops every rank at the
+    same iteration; every rank takes the same time-based save decisions.
 
     Raises:
-        Interrupted: after Ctrl-C, once the checkpoint is written.
+        Interrupted: after Ctrl-C or SIGTERM, once the checkpoint is written.
         UsageError: ``prompts_per_iteration`` or the PPO-ptx rows per step do
             not split over the ranks; ``ptx_rows`` missing with
             ``ptx_coef > 0`` or given with ``ptx_coef`` 0.
@@ -342,9 +353,13 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
     root = run.checkpoints(stage)
     total = config.num_iterations(len(prompt_ids))
     start = 0
-    if run.resume and latest_checkpoint(root) is not None:
-        start = engine.load(root)["iteration"]
-        run.log(f"{stage}: resuming from iteration {start}")
+    checkpoint = run.resume_point(stage, root, last=total, unit="iteration")
+    if checkpoint is not None:
+        with warnings.catch_warnings(record=True) as caught:  # what the resumed run changes: into the log
+            warnings.simplefilter("always")
+            start = engine.load(checkpoint)["iteration"]  # the configured learning rates and KL settings apply
+        for warning in caught:
+            run.log(f"{stage}: {warning.message}")
     batches = prompt_batches(len(prompt_ids), batch, engine.config.seed, start=start * batch)
     ptx = None
     if ptx_rows is not None:
@@ -358,28 +373,54 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         run.record(stage, 0, probe_engine(engine, probe))  # the starting point (the SFT model) of the curves
     bar = run.progress(total, stage, initial=start)
     position = functools.partial(_position, batch=batch, ptx_per_iteration=ptx_per_iteration)
+    clock = SaveClock(config.save_every_minutes)
     try:
         for iteration in range(start, total):
-            if global_sums([float(run.should_stop())], run.device)[0] > 0:
+            stop_now, save_now = global_sums([float(run.should_stop()), float(clock.due())], run.device)
+            if stop_now > 0:
                 path = engine.save(root, extra=position(iteration))
-                raise Interrupted(stage, iteration, path)
+                raise Interrupted(stage, iteration, path, run.stop_signal)
+            if save_now > 0:
+                engine.save(root, extra=position(iteration))
+                clock.saved()
             metrics = engine.step([list(prompt_ids[i]) for i in next(batches)[share]],
                                   None if ptx is None else next(ptx))
             step = iteration + 1
             if probe is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
                 metrics.update(probe_engine(engine, probe))
             run.record(stage, step, metrics)
+            if metrics.get("updates/skipped"):
+                run.log(skipped_updates_warning(stage, step, metrics))
             history.append(metrics)
             bar.update(1)
             bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3g}", "kl": f"{metrics['kl/k1']:.3g}"},
                             refresh=False)
             if config.save_every and step % config.save_every == 0 and step < total:
                 engine.save(root, extra=position(step))
+                clock.saved()
     finally:
         bar.close()
     run.save_model(stage, engine.policy, engine.tokenizer)
     return run.finish(stage, {"iterations": total, "wall_seconds": time.perf_counter() - began,
                               **summarize(history)})
+
+
+def skipped_updates_warning(stage: str, iteration: int, metrics: Dict) -> str:
+    """The log line of an iteration whose engine step skipped optimizer
+    updates (``updates/skipped`` > 0): how many, and why."""
+    skipped = int(metrics["updates/skipped"])
+    updates = skipped + int(metrics.get("updates/applied", 0))
+    why = "their loss or gradients were not finite"
+    score = metrics.get("reward/score_mean")
+    if score is not None and not math.isfinite(score):
+        why += f"; reward/score_mean is {score}: the reward model gave a non-finite score"
+    else:
+        bad = sorted(key for key, value in metrics.items()
+                     if isinstance(value, float) and not math.isfinite(value))
+        if bad:
+            why += f"; non-finite metrics: {', '.join(bad[:4])}" + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return (f"{stage}: warning: iteration {iteration} skipped {skipped} of its {updates} updates ({why}): "
+            f"{'the weights did not move' if skipped == updates else 'the other updates were applied'}")
 
 
 def _position(iteration: int, batch: int, ptx_per_iteration: int) -> Dict[str, int]:

@@ -5,16 +5,41 @@ Layout (``<stage>`` is ``sft``, ``rm``, ``ppo``, ...)::
     config.json              the resolved options (``--config`` reads it back)
     log.txt                  the log, as printed
     metrics.jsonl            one object per line: {"stage", "step", metric: value, ...}
-    tb/                      TensorBoard events, tags "<stage>/<metric>"
+    tb/<stage>/              TensorBoard events, tags "<stage>/<metric>"
     <stage>/model/           the stage's HF model folder (safetensors) and tokenizer
     <stage>/checkpoints/     resumable checkpoints (rlhf_engine.engine.checkpoint layout)
     <stage>/result.json      the stage's final metrics; written last, it marks the stage done
+    .lock                    held (flock) by the process using the folder; holds its PID
 
-Ctrl-C (SIGINT) asks the running loop to stop after its current step: the
-stage writes a checkpoint and raises :class:`Interrupted`; a second Ctrl-C
-stops at once (``KeyboardInterrupt``). ``--resume`` skips the finished
-stages and continues an interrupted one from its latest checkpoint, exactly
-where it stopped.
+One process at a time uses a run folder: it holds an exclusive ``flock`` on
+``.lock`` while the :class:`Run` is open (the kernel releases it when the
+process dies, so a lock left by a killed run is no obstacle), and a second
+one is refused naming the holder's PID.
+
+Ctrl-C (SIGINT) and SIGTERM (what kill, systemd, Slurm and Kubernetes send
+before they stop a job) ask the running loop to stop after its current
+step: the stage writes a checkpoint and raises :class:`Interrupted`, and the
+command exits with 128 + the signal's number (130, 143); a second signal
+stops at once (:class:`StoppedNow`, a ``KeyboardInterrupt``).
+
+``--resume`` (the rules, :meth:`Run.__enter__` and :meth:`Run.resume_point`):
+
+* options: those of :data:`RESUMABLE_OPTIONS` (learning rates, the length
+  of the run, evaluation and save cadence, KL target and horizon, where and
+  how it runs) may differ from the run's ``config.json``: they apply from
+  the resumed step on and are logged as changed; any other difference is
+  refused (:class:`UsageError`) before anything is written;
+* finished stages are skipped; an interrupted one continues from its newest
+  usable checkpoint, exactly where it stopped; a damaged newer one is
+  skipped with one warning line naming it and why;
+* a stage without a checkpoint starts from step 0, said in the log, when
+  the run has something else to continue (a finished stage); a run folder
+  with nothing to continue (no finished stage, no checkpoint), or a stage
+  whose every checkpoint is damaged, is refused unless ``restart_stage``
+  (``--restart_stage``) asks to train the stage again from step 0;
+* what the stage recorded after the step it resumes from is removed from
+  ``metrics.jsonl`` (and purged from its TensorBoard events), so that every
+  step is recorded once.
 
 Under torch.distributed every rank opens the same run folder (a shared
 filesystem): rank 0 alone writes the records (config, log, metrics,
@@ -22,6 +47,7 @@ TensorBoard, progress bars, model folders, results) and decides what is
 done; every rank reads checkpoints and model folders, and writes its own
 shards of a checkpoint (a collective).
 """
+import fcntl
 import functools
 import json
 import logging
@@ -32,14 +58,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_engine import distributed
-from rlhf_engine.engine.checkpoint import latest_checkpoint
+from rlhf_engine.engine.checkpoint import LATEST, latest_checkpoint
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
@@ -55,15 +81,51 @@ from rlhf_engine.pipeline.vocab import tokenizer_difference
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Options a resumed run may change (also with a stage prefix: sft_, rm_, ppo_): they apply from the resumed step on.
+RESUMABLE_OPTIONS = frozenset({
+    "lr", "critic_lr", "nokl_lr",                                   # learning rates
+    "max_steps", "epochs", "iterations", "nokl_iterations",          # the length of the run
+    "eval_every", "save_every", "save_every_minutes",                # cadence
+    "kl_target", "kl_horizon", "kl_bound",                           # KL control (kl_bound: the report's)
+    "out", "device", "threads", "dist_timeout",                      # where and how it runs
+    "gradient_checkpointing", "offload", "offload_policy", "profile_dir",
+})
+_STAGE_PREFIXES = ("sft_", "rm_", "ppo_")
+
+
+def resumable(name: str) -> bool:
+    """Whether option ``name`` may change when a run is resumed."""
+    return name in RESUMABLE_OPTIONS or any(
+        name.startswith(prefix) and name[len(prefix):] in RESUMABLE_OPTIONS for prefix in _STAGE_PREFIXES)
 
 
 class Interrupted(Exception):
-    """A stage stopped on Ctrl-C after saving a checkpoint."""
+    """A stage stopped on Ctrl-C (or SIGTERM: ``signum``) after saving a checkpoint."""
 
-    def __init__(self, stage: str, step: int, checkpoint: Optional[Path]):
+    def __init__(self, stage: str, step: int, checkpoint: Optional[Path], signum: Optional[int] = None):
         self.stage, self.step, self.checkpoint = stage, step, checkpoint
+        self.signum = signum or signal.SIGINT
         where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
-        super().__init__(f"interrupted in stage '{stage}' after step {step}{where}")
+        super().__init__(f"interrupted ({signal.Signals(self.signum).name}) in stage '{stage}' after step "
+                         f"{step}{where}")
+
+
+class StoppedNow(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM (``signum``): stop at once, no checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_status(exc: BaseException) -> int:
+    """The conventional exit status of a run stopped by ``exc`` (an
+    :class:`Interrupted` or a ``KeyboardInterrupt``): 128 + the signal's
+    number (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + int(getattr(exc, "signum", None) or signal.SIGINT)
 
 
 class UsageError(ValueError):
@@ -89,70 +151,153 @@ def _json_value(value):
 class Run:
     """The run folder of one command (see the module doc).
 
-    Use as a context manager: it creates or reopens the folder, writes
-    ``config.json``, opens the log and TensorBoard writer, and installs the
-    Ctrl-C handler; on exit it restores the handler and closes the files.
+    Use as a context manager: it creates or reopens the folder, locks it
+    (one process at a time), writes ``config.json``, opens the log, and
+    installs the Ctrl-C and SIGTERM handlers; on exit it restores the
+    handlers, closes the files and releases the lock.
 
     Args:
         folder: the run folder.
         command: the command's name (for the log and the resume hint).
         options: the resolved options, written to ``config.json``.
         resume: continue the run in ``folder`` (it must hold a
-            ``config.json``); otherwise ``folder`` must be new or empty.
+            ``config.json`` and something to continue); otherwise
+            ``folder`` must be new or empty. Options that differ from the
+            folder's ``config.json`` must be :func:`resumable`.
+        restart_stage: with ``resume``, a run with nothing to continue, or
+            a stage whose every checkpoint is damaged, starts (the stage)
+            again from step 0 instead of being refused.
         progress: show progress bars (tqdm, with ETA; rank 0 only).
         device: where the command's models run (this rank's device).
     """
 
-    def __init__(self, folder, command: str, options: Dict, *, resume: bool = False, progress: bool = True,
-                 device="cpu"):
+    def __init__(self, folder, command: str, options: Dict, *, resume: bool = False, restart_stage: bool = False,
+                 progress: bool = True, device="cpu"):
         self.folder = Path(folder)
         self.command, self.options, self.resume = command, dict(options), resume
+        self.restart_stage = restart_stage
         self.device = torch.device(device)
         self.where = distributed.layout()
         self.is_main = self.where.is_main
         self.show_progress = progress and self.is_main
-        self._stop_requested = False
-        self._previous_handler = None
+        self._stop_signal = None
+        self._previous_handlers = {}
+        self._lock_fd = None
+        self._writers = {}
+        self._purge_steps = {}
+        self._config_before = None  # a resumed run's config.json as it was (put back when the resume is refused)
         self.logger = None
-        self.writer = None
 
     # -- lifetime ------------------------------------------------------------------
 
     def __enter__(self):
-        problem = self.from_main(self._open_problem() if self.is_main else None)
-        if problem is not None:
-            raise UsageError(problem)
-        self.logger = logging.getLogger(f"rlhf_engine.run.{id(self)}")
-        self.logger.propagate = False
-        if self.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _write_json(self.folder / CONFIG_FILE, self.options)
-            self._open_log()
-            from torch.utils.tensorboard import SummaryWriter  # slow to import: only once a run starts
-
-            self.writer = SummaryWriter(log_dir=str(self.folder / "tb"))
-        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            opened = self.from_main(self._open_main() if self.is_main else None)
+            if isinstance(opened, str):
+                raise UsageError(opened)
+            self.logger = logging.getLogger(f"rlhf_engine.run.{id(self)}")
+            self.logger.propagate = False
+            if self.is_main:
+                _write_json(self.folder / CONFIG_FILE, self.options)
+                self._open_log()
+            for signum in STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         self.log(f"{'resuming' if self.resume else 'starting'} 'rlhf-engine {self.command}' in {self.folder}")
+        for message in opened or ():
+            self.log(message)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
-        if self.writer is not None:
-            self.writer.close()
+        for signum, previous in self._previous_handlers.items():
+            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, previous if previous is not None else default)
+        self._previous_handlers = {}
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
         if self.logger is not None:
             for handler in list(self.logger.handlers):
                 handler.close()
                 self.logger.removeHandler(handler)
+        self._unlock()
         return False
 
-    def _open_problem(self) -> Optional[str]:
-        """Why this run folder cannot be opened as asked, or None."""
+    def _open_main(self):
+        """Rank 0's part of opening the folder: a one-line problem (str) when
+        it cannot be opened as asked, else the lines to log (the options a
+        resume changes, a restart). Holds the folder's lock on success."""
         if self.resume and not (self.folder / CONFIG_FILE).is_file():
             return f"--resume: {self.folder} holds no run to resume (no {CONFIG_FILE})"
-        if not self.resume and self.folder.exists() and any(self.folder.iterdir()):
-            return (f"run folder {self.folder} is not empty: pass --resume to continue the run in it, "
-                    f"or choose another --out")
+        not_empty = (f"run folder {self.folder} is not empty: pass --resume to continue the run in it, "
+                     f"or choose another --out")
+        def filled():
+            return self.folder.exists() and any(path.name != LOCK_FILE for path in self.folder.iterdir())
+
+        if not self.resume and filled():
+            return not_empty
+        self.folder.mkdir(parents=True, exist_ok=True)
+        holder = self._lock()
+        if holder is not None:
+            return (f"run folder {self.folder} is in use by another process ({holder}): wait for it to end or "
+                    f"stop it (Ctrl-C, or kill PID: either saves a checkpoint), then --resume")
+        problem, messages = None, []
+        if not self.resume:
+            problem = not_empty if filled() else None  # filled by another process while we took the lock
+        else:
+            problem, messages = self._resume_problem()
+        if problem is not None:
+            self._unlock()
+        return problem if problem is not None else messages
+
+    def _resume_problem(self) -> Tuple[Optional[str], List[str]]:
+        """``(problem, messages)`` of resuming this folder with ``options``:
+        options that may not change, nothing to continue."""
+        try:
+            saved = json.loads((self.folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"--resume: cannot read {self.folder / CONFIG_FILE} ({exc})", []
+        self._config_before = saved
+        changed = {name: (saved[name], value) for name, value in self.options.items()
+                   if name in saved and saved[name] != value}
+        refused = [name for name in changed if not resumable(name)]
+        if refused:
+            return (f"--resume cannot change {_changes(changed, refused)} (the run's config.json has the former): "
+                    f"the resumed run would no longer match its checkpoints and data. Drop these options, or start "
+                    f"a new run (another --out). A resume may change: learning rates, max_steps/epochs/iterations, "
+                    f"eval_every, save_every(_minutes), kl_target/kl_horizon, device, threads"), []
+        messages = [f"resume: {_changes(changed, list(changed))}"] if changed else []
+        if not any(any(self.folder.glob(pattern)) for pattern in
+                   (f"*/{RESULT_FILE}", "*/checkpoints/step-*", f"*/checkpoints/{LATEST}")):
+            if not self.restart_stage:
+                return (f"--resume: {self.folder} holds nothing to continue (no stage finished and no checkpoint "
+                        f"was written before the run stopped): pass --restart_stage to start it again from step 0, "
+                        f"or start a new run (another --out)"), []
+            messages.append("--restart_stage: nothing to continue (no stage finished, no checkpoint): starting again "
+                            "from step 0")
+        return None, messages
+
+    def _lock(self) -> Optional[str]:
+        """Take the folder's lock (``.lock``, flock, rank 0); None when
+        taken, else who holds it ("PID 123")."""
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return f"PID {holder}" if holder.isdigit() else "PID unknown"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
         return None
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock; the file stays (removing it would race a new locker)
+            self._lock_fd = None
 
     def _open_log(self):
         self.logger.setLevel(logging.INFO)
@@ -167,19 +312,26 @@ class Run:
         barrier (``value`` itself in a world of one)."""
         return distributed.all_gather_object(value)[0]
 
-    def _on_sigint(self, signum, frame):
-        if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        self.log("Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to stop at once)")
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:
+            raise StoppedNow(signum)
+        self._stop_signal = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"{name}: stopping after the current step and saving a checkpoint (Ctrl-C or SIGTERM again to "
+                 f"stop at once)")
 
     def should_stop(self) -> bool:
-        """True once Ctrl-C was pressed: loops check it before each step."""
-        return self._stop_requested
+        """True once Ctrl-C was pressed or SIGTERM received: loops check it before each step."""
+        return self._stop_signal is not None
 
-    def request_stop(self) -> None:
-        """What Ctrl-C does (for callers and tests that stop a run in code)."""
-        self._on_sigint(signal.SIGINT, None)
+    @property
+    def stop_signal(self) -> Optional[int]:
+        """The signal that asked the run to stop (None: none yet)."""
+        return self._stop_signal
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """What Ctrl-C (or ``signum``) does (for callers and tests that stop a run in code)."""
+        self._on_signal(signum, None)
 
     # -- records -------------------------------------------------------------------
 
@@ -196,15 +348,97 @@ class Run:
 
     def record(self, stage: str, step: int, metrics: Dict) -> None:
         """Append ``metrics`` (numbers; ``info/*`` strings are kept in the
-        JSONL only) to metrics.jsonl and TensorBoard at ``step`` (rank 0)."""
+        JSONL only) to metrics.jsonl and TensorBoard (``tb/<stage>``) at
+        ``step`` (rank 0)."""
         if not self.is_main:
             return
         values = {key: _json_value(value) for key, value in metrics.items() if key != "step"}
         with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        writer = self._writer(stage)
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{stage}/{key}", value, step)
+                writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def _refuse(self, message: str):
+        """Raise UsageError(``message``) for a resume refused once the run
+        is open, with its config.json as it was (rank 0 writes)."""
+        if self.is_main and self._config_before is not None:
+            _write_json(self.folder / CONFIG_FILE, self._config_before)
+        raise UsageError(message)
+
+    def _writer(self, stage: str):
+        if stage not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import: only once something is recorded
+
+            self._writers[stage] = SummaryWriter(log_dir=str(self.folder / "tb" / stage),
+                                                 purge_step=self._purge_steps.get(stage))
+        return self._writers[stage]
+
+    def rewind(self, stage: str, step: int) -> None:
+        """Forget what ``stage`` recorded after ``step`` (all of it when
+        ``step`` is 0), before it runs again from there: its rows leave
+        metrics.jsonl (with a line a killed process left half-written) and
+        its TensorBoard writer purges those steps (rank 0 writes)."""
+        self._purge_steps[stage] = step + 1 if step else 0
+        path = self.folder / METRICS_FILE
+        if not self.is_main or not path.is_file():
+            return
+        kept, dropped, broken = [], 0, 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                broken += 1
+                continue
+            if row.get("stage") == stage and (step == 0 or row.get("step", 0) > step):
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped or broken:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+            self.log(f"{stage}: removed from {METRICS_FILE} the {dropped} row(s) recorded after step {step}"
+                     + (f" and {broken} unreadable line(s)" if broken else "") + ": they are recorded again")
+
+    def resume_point(self, stage: str, root: Path, *, last: int, unit: str = "step") -> Optional[Path]:
+        """Where ``stage`` starts: the checkpoint under ``root`` to continue
+        from (None: step 0), by the rules of the module doc, logged; what
+        the stage recorded after it is forgotten (:meth:`rewind`). None
+        when the run does not resume. A collective.
+
+        Raises:
+            UsageError: every checkpoint of the stage is damaged (and not
+                ``restart_stage``), or it is at ``last`` (the stage's final
+                ``unit``, e.g. lowered by a resumed run's options) or past it.
+        """
+        if not self.resume:
+            return None
+        found, skipped = self.from_main(find_checkpoint(root) if self.is_main else None)
+        for path, why in skipped:
+            self.log(f"{stage}: warning: skipping checkpoint {path}: {why}")
+        if found is None and skipped:
+            names = ", ".join(path.name for path, _ in skipped)
+            if not self.restart_stage:
+                self._refuse(f"--resume: no checkpoint of stage '{stage}' is usable ({names}: see the warnings): "
+                             f"pass --restart_stage to train {stage} again from {unit} 0")
+            if self.is_main:  # they would be skipped, with a warning, at every later resume
+                shutil.rmtree(root, ignore_errors=True)
+            self.from_main(None)
+            self.log(f"{stage}: --restart_stage: removed the unusable checkpoints ({names}); starting from {unit} 0")
+        elif found is None:
+            self.log(f"{stage}: no checkpoint to resume from; starting from {unit} 0")
+        else:
+            step = checkpoint_step(found)
+            if step >= last:
+                self._refuse(f"--resume: checkpoint {found} is at {unit} {step}, and the run now ends at {unit} "
+                             f"{last}: nothing left to run (options lowered the length of the run?)")
+            self.log(f"{stage}: resuming from {unit} {step} ({found})")
+        self.rewind(stage, checkpoint_step(found) if found is not None else 0)
+        return found
 
     def progress(self, total: Optional[int], stage: str, initial: int = 0):
         """A tqdm bar (elapsed, ETA, rate) for a stage's loop."""
@@ -266,6 +500,20 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
+def find_checkpoint(root) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """``(checkpoint, skipped)``: the checkpoint folder under ``root`` a
+    resume continues from (:func:`~rlhf_engine.engine.checkpoint.latest_checkpoint`,
+    checksums verified; None when there is none), and the unusable entries
+    passed over before it, each with what is wrong (the file named)."""
+    skipped = []
+    found = latest_checkpoint(root, on_skip=lambda path, why: skipped.append((Path(path), why)))
+    return found, skipped
+
+
+def _changes(changed: Dict[str, Tuple], names) -> str:
+    return ", ".join(f"{name} {changed[name][0]!r} -> {changed[name][1]!r}" for name in names)
+
+
 def process_seconds(fallback_start: float) -> float:
     """Wall seconds since this process started (Linux: from /proc, so the
     imports count too), else since ``fallback_start`` (a ``time.perf_counter()``)."""
@@ -305,8 +553,9 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
     """Run ``train_fn`` (:func:`~rlhf_engine.pipeline.sft.train_sft` or
     :func:`~rlhf_engine.pipeline.reward.train_reward_model`) as ``stage`` of
     ``run``: metrics to the run's records, a progress bar, checkpoints every
-    ``config.save_every`` steps and on Ctrl-C, resumed from the latest one
-    when the run resumes; then ``<stage>/model`` and the result. ``model``
+    ``config.save_every`` steps and ``config.save_every_minutes`` and on
+    Ctrl-C or SIGTERM, resumed by the rules of :meth:`Run.resume_point` when
+    the run resumes; then ``<stage>/model`` and the result. ``model``
     moves to ``run.device`` (and is sharded over the ranks under
     torch.distributed).
 
@@ -314,7 +563,7 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
     is left as given (load ``run.model_dir(stage)``).
 
     Raises:
-        Interrupted: after Ctrl-C, once the checkpoint is written.
+        Interrupted: after Ctrl-C or SIGTERM, once the checkpoint is written.
     """
     done = run.skip_if_done(stage)
     if done is not None:
@@ -325,10 +574,8 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
         raise UsageError(str(exc)) from None
     model.to(run.device)
     root = run.checkpoints(stage)
-    latest = latest_checkpoint(root) if run.resume else None
-    if latest is not None:
-        run.log(f"{stage}: resuming from {latest}")
     steps = expected_steps(len(train_records), eval_records is not None, config)
+    latest = run.resume_point(stage, root, last=steps)
     bar = run.progress(steps, stage, initial=checkpoint_step(latest) if latest is not None else 0)
 
     def on_step(metrics):
@@ -342,11 +589,11 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
     start = time.perf_counter()
     try:
         result = train_fn(model, tokenizer, train_records, eval_records, config, on_step=on_step,
-                          stop=run.should_stop, checkpoints=root, resume=run.resume)
+                          stop=run.should_stop, checkpoints=root, resume=latest or False)
     finally:
         bar.close()
     if result["stopped"]:
-        raise Interrupted(stage, result["steps"], latest_checkpoint(root))
+        raise Interrupted(stage, result["steps"], latest_checkpoint(root, verify=False), run.stop_signal)
     run.log(f"{stage}: length policy '{config.length_policy}' (max_length {config.max_length}): dropped "
             f"{result['dropped']}, truncated {result['truncated']} of "
             f"{result['train_examples'] + result['eval_examples'] + result['dropped']} examples")

@@ -56,6 +56,13 @@ def _parse(prompt: str) -> Tuple[str, Optional[str], str]:
     return family, parts[1] if family == "count" else None, word
 
 
+def check_prompt(prompt: str) -> None:
+    """Raise ValueError (saying what a task prompt looks like) unless
+    ``prompt`` is a prompt of this task: the only prompts :func:`solve` and
+    the gold judge (:func:`gold_score`) understand."""
+    _parse(prompt)
+
+
 def solve(prompt: str) -> str:
     """The gold answer to a task prompt."""
     family, letter, word = _parse(prompt)

@@ -6,10 +6,12 @@ warmed up linearly over ``warmup_ratio`` of the steps then decayed linearly
 to 0, gradient-norm clipping, optional bf16 autocast (float32 weights,
 gradients and optimizer states).
 
-A stopped loop (``stop()`` returned True) and every ``save_every`` steps
-write a checkpoint (weights, optimizer, loop state); ``resume`` continues
-the run where it left off: the same mini-batches, the same learning rates,
-the same weights as an uninterrupted run.
+A stopped loop (``stop()`` returned True), every ``save_every`` steps and
+every ``save_every_minutes`` write a checkpoint (weights, optimizer, loop
+state); ``resume`` continues the run where it left off: the same
+mini-batches, the same learning rates, the same weights as an
+uninterrupted run (with the configured peak learning rate and number of
+steps: a resumed run may change them, see :func:`set_peak_lrs`).
 
 Under torch.distributed (``torchrun``) the loop is data-parallel with FSDP2
 and its results do not depend on the world size (see :func:`train_loop`).
@@ -19,15 +21,17 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import math
 import time
 from dataclasses import field
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 
 from rlhf_engine import distributed
 from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_engine.engine.engine import lr_factor
+from rlhf_engine.engine.engine import lr_factor, set_peak_lrs
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, encode_record, fit_examples
 
@@ -56,8 +60,11 @@ class TrainConfig:
     eval_fraction: float = option(0.05, "Fraction of the training examples held out for evaluation when no "
                                         "evaluation set is given.")
     eval_every: int = option(0, "Evaluate every this many steps (0: only after the last step).")
-    save_every: int = option(0, "Hand a resumable checkpoint to the caller every this many steps (0: only when "
-                                "the run is stopped early).")
+    save_every: int = option(0, "Write a resumable checkpoint every this many steps (0: by time only, see "
+                                "save_every_minutes); one is also written when the run is stopped early.")
+    save_every_minutes: float = option(10.0, "Also write a resumable checkpoint at the first step boundary this many "
+                                             "minutes after the last one (0: by steps only), so that a crash loses "
+                                             "at most this much training.")
     seed: int = option(0, "Seed of the held-out split and of the mini-batch order.")
     bf16: bool = option(False, "bfloat16 autocast for the forward passes (weights, gradients and optimizer states "
                                "stay float32).")
@@ -82,6 +89,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         if self.length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {self.length_policy!r}")
+        check_minutes(self.save_every_minutes)
+
+
+def check_minutes(value, name: str = "save_every_minutes") -> None:
+    """ValueError unless ``value`` is a finite number of minutes >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number of minutes >= 0, got {value!r}")
+
+
+class SaveClock:
+    """When a loop's time-based checkpoint is due: ``minutes`` (0: never)
+    after the start or the last :meth:`saved`."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def _check_int(config, name, minimum):
@@ -183,7 +212,7 @@ def _load_state_dicts(model, optimizer, tensors: Dict[str, dict]) -> None:
 
 def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[List[int]], StepOutput],
                evaluate: Callable[[], Dict[str, float]], *, on_step=None, stop=None, checkpoints=None,
-               resume: bool = False) -> dict:
+               resume: Union[bool, str, Path] = False) -> dict:
     """Train ``model`` for :func:`total_steps`, shuffled mini-batches of
     example indices from a generator seeded with ``config.seed``.
 
@@ -209,10 +238,15 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     ``checkpoints``: a folder (:mod:`rlhf_engine.engine.checkpoint`) that
     gets the model's and optimizer's states (``tensors``, sharded) and the
     loop's counters and scheduler (``objects["loop"]``) every
-    ``config.save_every`` steps before the last and when the loop is
-    stopped; every rank writes its shards. ``resume``: continue from the
-    latest checkpoint there (saved at any world size): its weights, its
-    step, the mini-batches an uninterrupted run would have drawn.
+    ``config.save_every`` steps and at the first step boundary
+    ``config.save_every_minutes`` after the last save (every rank decides
+    alike), before the last step, and when the loop is stopped; every rank
+    writes its shards. ``resume``: True continues from the latest
+    checkpoint there, a checkpoint folder from that one (saved at any world
+    size): its weights, its step, the mini-batches an uninterrupted run
+    would have drawn; the learning-rate schedule is this ``config``'s
+    (``lr``, and the steps of ``max_steps``/``epochs``), which must leave
+    steps to run.
 
     Returns:
         ``steps``, ``epochs`` (fractional), ``train_loss``, the last
@@ -238,14 +272,23 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     checkpointing = _enable_checkpointing(model) if config.gradient_checkpointing else contextlib.nullcontext()
     recent_losses = collections.deque(maxlen=per_epoch)
     done, tokens, train_seconds, last_eval, stopped = 0, 0, 0.0, {}, False
-    latest = latest_checkpoint(checkpoints) if resume and checkpoints is not None else None
+    if resume is True:
+        latest = latest_checkpoint(checkpoints) if checkpoints is not None else None
+    else:
+        latest = Path(resume) if resume else None
     if latest is not None:
         tensors, objects = load_checkpoint(latest, _state_dicts(model, optimizer))
         _load_state_dicts(model, optimizer, tensors)
         state = objects["loop"]
         scheduler.load_state_dict(state["scheduler"])
+        set_peak_lrs(scheduler, [config.lr] * len(optimizer.param_groups))
         done, tokens, train_seconds = state["step"], state["tokens"], state["train_seconds"]
         recent_losses.extend(state["recent_losses"])
+        if done >= steps:
+            raise ValueError(f"checkpoint {latest} is at step {done}, and this run ends at step {steps}: "
+                             f"nothing left to train (max_steps/epochs lowered?)")
+    clock = SaveClock(config.save_every_minutes if checkpoints is not None else 0)
+    agree = stop is not None or clock.seconds > 0  # decisions every rank takes together, one all-reduce a step
 
     def save():
         state = {"step": done, "tokens": tokens, "train_seconds": train_seconds,
@@ -256,9 +299,15 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
         with checkpointing:
             # the first `done` batches are drawn and skipped so that the generator is where it was
             for indices in itertools.islice(_index_batches(num_examples, config.batch_size, generator), done, steps):
-                if stop is not None and global_sums([float(stop())], device)[0] > 0:
-                    stopped = True
-                    break
+                if agree:
+                    stop_now, save_now = global_sums([float(stop is not None and stop()), float(clock.due())],
+                                                     device)
+                    if stop_now > 0:
+                        stopped = True
+                        break
+                    if save_now > 0:
+                        save()
+                        clock.saved()
                 start = time.perf_counter()
                 rows, weight = rank_rows(indices, where)
                 with autocast:
@@ -289,6 +338,7 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
                     on_step(metrics)
                 if checkpoints is not None and config.save_every and done % config.save_every == 0 and done < steps:
                     save()
+                    clock.saved()
             if stopped and checkpoints is not None:
                 save()
     finally:

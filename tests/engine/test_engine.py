@@ -581,3 +581,20 @@ def test_resume_keeps_the_configured_kl_controller(tmp_path):
     with pytest.warns(UserWarning, match="target 1.0 -> 2.0"):
         resumed.load(tmp_path)
     assert resumed.kl.target == 2.0 and resumed.kl.horizon == 50 and resumed.kl.coef == coef
+
+
+def test_resume_applies_the_configured_learning_rates(tmp_path):
+    engine = make_engine(lr_schedule="linear", total_steps=40, lr_warmup_steps=2)
+    engine.step(prompts())
+    engine.save(tmp_path)
+    same = make_engine(lr_schedule="linear", total_steps=40, lr_warmup_steps=2)
+    same.load(tmp_path)  # no change: no warning, the checkpoint's rates
+    assert same.schedulers["policy"].get_last_lr() == engine.schedulers["policy"].get_last_lr()
+    resumed = make_engine(lr=3e-2, critic_lr=3e-3, lr_schedule="linear", total_steps=40, lr_warmup_steps=2)
+    with pytest.warns(UserWarning, match=r"lr 0.003 -> 0.03"):
+        resumed.load(tmp_path)
+    # the same point of the schedule, ten times the peak
+    assert resumed.schedulers["policy"].get_last_lr()[0] == pytest.approx(
+        10 * engine.schedulers["policy"].get_last_lr()[0])
+    assert resumed.optimizers["policy"].param_groups[0]["lr"] == resumed.schedulers["policy"].get_last_lr()[0]
+    assert resumed.schedulers["critic"].get_last_lr() == engine.schedulers["critic"].get_last_lr()

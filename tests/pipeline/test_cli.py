@@ -176,14 +176,14 @@ def test_bad_data_through_python_m_has_no_traceback(tmp_path):
     assert f"{path}, line 1, field 'response': is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def interrupt_at(monkeypatch, stage, step):
-    """Send SIGINT (as Ctrl-C does) once ``stage`` has recorded ``step``."""
+def interrupt_at(monkeypatch, stage, step, signum=signal.SIGINT):
+    """Send SIGINT (as Ctrl-C does), or ``signum``, once ``stage`` has recorded ``step``."""
     record = Run.record
 
     def record_then_interrupt(self, stage_, step_, metrics):
         record(self, stage_, step_, metrics)
         if (stage_, step_) == (stage, step):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Run, "record", record_then_interrupt)
 
