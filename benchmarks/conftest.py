@@ -3,13 +3,22 @@ results and write them at the end of the session (see harness.py).
 
 Run with ``bash scripts/bench.sh`` (or ``python -m pytest benchmarks``);
 ``pytest tests`` never loads this folder. TRITON_INTERPRET is never set here:
-the Triton candidates run only on a GPU.
+the Triton candidates run only on a GPU. The op benchmarks draw their inputs
+with the op tests' generators (tests/inputs.py) and build their ``eager``
+policy loss from the tests' reference formulas (tests/reference.py): the
+repository root is put on sys.path for them.
 """
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 
 import harness
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 COLLECTOR = harness.Collector()
 

@@ -1,7 +1,7 @@
 // GAE from C++ without PyTorch: link only the plain CPU kernels.
 //
 //   g++ -O2 -std=c++17 -pthread -Icsrc/include -Icsrc/cpu
-//       examples/gae_example.cpp csrc/cpu/advantages.cpp -o gae_example
+//       examples/gae_example.cpp csrc/cpu/advantages.cpp csrc/cpu/parallel.cpp -o gae_example
 //
 // Two responses of four tokens, [B, T] = [2, 4] row-major. The first has a
 // tool-output span (mask 0 at t = 1, 2) that neither adds a TD error nor

@@ -1,5 +1,6 @@
 """What every Triton kernel module shares: the interpreter flag, an fma that
-the CPU interpreter rounds correctly, and launching on the tensors' device."""
+the CPU interpreter rounds correctly, a clamp that passes NaN through, and
+launching on the tensors' device."""
 import contextlib
 
 import torch
@@ -19,6 +20,14 @@ def fma(a, b, c, INTERPRET: tl.constexpr):
         return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
     else:
         return tl.fma(a, b, c)
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    """clamp that passes NaN through (comparisons, never minimum/maximum): the
+    NaN rule of csrc/include/rlhf_engine/token_math.h."""
+    x = tl.where(x < lo, lo, x)
+    return tl.where(x > hi, hi, x)
 
 
 def on_device(device):

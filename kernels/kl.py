@@ -21,18 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_engine.kernels.common import on_device
+from rlhf_engine.kernels.common import clamp, on_device
 
 __all__ = ["kl_penalty_forward", "kl_penalty_backward", "kl_shaped_rewards"]
 
 _BLOCK = 1024  # elements per program (element-wise kernels)
 _MAX_BLOCK_T = 1024  # tokens per loop step (shaped rewards)
-
-
-@triton.jit
-def _clamp(x, lo, hi):
-    """clamp that passes NaN through."""
-    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
 
 
 @triton.jit
@@ -61,7 +55,7 @@ def _kl_value(d, ESTIMATOR: tl.constexpr):
     elif ESTIMATOR == 2:
         out = 0.5 * d * d
     else:
-        out = _clamp(_exp_m1_m_id(_clamp(-d, -20.0, 20.0)), -10.0, 10.0)
+        out = clamp(_exp_m1_m_id(clamp(-d, -20.0, 20.0)), -10.0, 10.0)
     return out
 
 
@@ -74,7 +68,7 @@ def _kl_derivative(d, ESTIMATOR: tl.constexpr):
     elif ESTIMATOR == 2:
         out = d
     else:
-        r = _clamp(-d, -20.0, 20.0)
+        r = clamp(-d, -20.0, 20.0)
         v = _exp_m1_m_id(r)
         binds = (tl.abs(d) > 20.0) | (tl.abs(v) > 10.0)
         out = tl.where(binds, 0.0, -(v + r))

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_engine.kernels.common import INTERPRET, fma, on_device
+from rlhf_engine.kernels.common import INTERPRET, clamp, fma, on_device
 
 __all__ = ["ppo_loss_forward", "ppo_loss_backward", "pairwise_loss_forward", "pairwise_loss_backward"]
 
@@ -45,13 +45,6 @@ _KINDS = {"policy": 0, "value": 1}
 _N_PARTIALS, _N_STATS = 5, 4
 _EXP_BOUND = tl.constexpr(110.0)  # exp(+-110) is inf / 0 in float32; the residual is NaN at +-inf
 _PAIRWISE_BLOCK = 1024
-
-
-@triton.jit
-def _clamp(x, lo, hi):
-    """clamp that keeps NaN."""
-    x = tl.where(x < lo, lo, x)
-    return tl.where(x > hi, hi, x)
 
 
 @triton.jit
@@ -65,10 +58,10 @@ def _exp_accurate(x, INTERPRET: tl.constexpr):
 @triton.jit
 def _policy_token(x, old, adv, clip_low, clip_high, dual, INTERPRET: tl.constexpr):
     d = x - old
-    neg_kl = _clamp(d, -20.0, 20.0)
+    neg_kl = clamp(d, -20.0, 20.0)
     ratio = _exp_accurate(neg_kl, INTERPRET)
     l1 = -adv * ratio
-    l2 = -adv * _clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    l2 = -adv * clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = l2 > l1
     inside = (d >= -20.0) & (d <= 20.0)
     loss = tl.where(clipped, l2, l1)
@@ -85,7 +78,7 @@ def _value_token(v, old, ret, clip):
     delta = v - old
     inside = (delta >= -clip) & (delta <= clip)
     e1 = v - ret
-    e2 = tl.where(inside, e1, old + _clamp(delta, -clip, clip) - ret)  # v_clip is exactly v inside
+    e2 = tl.where(inside, e1, old + clamp(delta, -clip, clip) - ret)  # v_clip is exactly v inside
     s1 = e1 * e1
     s2 = e2 * e2
     on_e1 = s2 <= s1  # NaN in e2 selects e2: NaN propagates
@@ -258,7 +251,7 @@ def _pairwise_tiles_kernel(chosen_ptr, rejected_ptr, margin_ptr, partials_ptr, N
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < N
     chosen, rejected, z = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, offs, in_bounds)
-    e = _exp_accurate(-tl.abs(_clamp(z, -_EXP_BOUND, _EXP_BOUND)), INTERPRET)
+    e = _exp_accurate(-tl.abs(clamp(z, -_EXP_BOUND, _EXP_BOUND)), INTERPRET)
     u = 1.0 + e
     log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
     softplus = tl.where(z > 0.0, 0.0, -z) + log1p  # -logsigmoid(z); the comparison keeps NaN
@@ -286,7 +279,7 @@ def _pairwise_backward_kernel(grad_loss_ptr, chosen_ptr, rejected_ptr, margin_pt
     in_bounds = offs < N
     _, _, z = _load_pairs(chosen_ptr, rejected_ptr, margin_ptr, offs, in_bounds)
     w = tl.load(grad_loss_ptr).to(tl.float32) / count
-    g = -w / (1.0 + _exp_accurate(_clamp(z, -_EXP_BOUND, _EXP_BOUND), INTERPRET))  # -sigmoid(-z) g / N
+    g = -w / (1.0 + _exp_accurate(clamp(z, -_EXP_BOUND, _EXP_BOUND), INTERPRET))  # -sigmoid(-z) g / N
     tl.store(grad_chosen_ptr + offs, g, mask=in_bounds)
     tl.store(grad_rejected_ptr + offs, -g, mask=in_bounds)
 

@@ -7,15 +7,21 @@ of 450 tokens; a reward model and a critic of the same backbone (the critic
 initialised from the reward model); float32; 8 prompts of exactly 16 tokens;
 exactly 32 new tokens per response (no early stop), temperature 1; k1 KL
 penalty in the reward with coefficient 0.05; GAE with gamma 1, lambda 0.95;
-advantage whitening; 2 PPO epochs x 2 mini-batches of 4 (4 optimizer steps,
-each a forward and backward of policy and critic); AdamW at 3e-6. One warm-up
-iteration is excluded from the measurement.
+advantage whitening; old log-probs taken from the rollout (no recomputing
+forward); 2 PPO epochs x 2 mini-batches of 4 (4 optimizer steps, each a
+forward and backward of policy and critic); AdamW at 3e-6. ``warmup``
+iterations (one by default) run first and are excluded from the
+measurement.
 
 Reported: ``seconds_per_iteration`` (mean over the measured iterations),
-``phases`` (mean seconds per phase), ``tokens_per_second`` (generated tokens
-per second of a whole iteration), ``rollout_tokens_per_second`` (during
-the rollout phase alone) and ``peak_rss_mib`` (the process's peak resident
-memory over the whole run: building the models, warm-up and measurement).
+``phases`` (mean seconds of each of ``rollout``, ``score`` and ``learn``),
+``tokens_per_second`` (generated tokens per second of a whole iteration),
+``rollout_tokens_per_second`` (during the rollout phase alone),
+``peak_rss_mib`` (the largest peak resident set size seen: the process's
+peak up to the end of model building, then each phase's peak in the warm-up
+and measured iterations; see rlhf_engine/engine/metrics.py), and
+``size``, ``iterations``, ``machine``, ``torch_threads`` and ``config``
+(the engine's settings).
 """
 import platform
 import statistics
@@ -23,7 +29,7 @@ import statistics
 import torch
 
 from rlhf_engine.engine import EngineConfig, RLHFEngine
-from rlhf_engine.engine.metrics import rss_peak_mib
+from rlhf_engine.profiling import rss_peak_mib
 from rlhf_engine.models.builders import build_policy, build_reward_model
 from rlhf_engine.models.tokenizer import byte_tokenizer
 

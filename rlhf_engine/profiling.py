@@ -1,10 +1,14 @@
 """Time and peak memory of a callable, on the CPU or a CUDA device.
 
-Used by the demo, the benchmarks and (per phase) the engine's metrics.
+Used by the demo, the op benchmarks (benchmarks/harness.py) and the ops'
+memory tests. The engine's per-phase metrics use only :func:`rss_peak_mib`:
+the process's resident set size, cheap enough for every iteration. Here
 CPU peak memory comes from the profiler's allocation events (torch keeps no
 CPU allocator statistics); CUDA peak memory from the caching allocator.
 """
 import dataclasses
+import resource
+import sys
 import time
 from typing import Optional
 
@@ -56,3 +60,31 @@ def median_time(fn, device="cpu", repeats=5, warmup=1):
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+MIB = 2.0**20
+
+
+def reset_rss_peak():
+    """Restart :func:`rss_peak_mib` from the current resident set size, where
+    Linux lets a process reset it (writing ``5`` to ``/proc/self/clear_refs``);
+    elsewhere the peak stays the process's lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_peak_mib():
+    """The process's peak resident set size (MiB) since the last
+    :func:`reset_rss_peak` (Linux ``VmHWM``), else its lifetime peak (``getrusage``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MIB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / MIB if sys.platform == "darwin" else peak * 1024 / MIB

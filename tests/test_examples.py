@@ -28,7 +28,7 @@ def build_and_run(tmp_path, example, sources):
 
 
 def test_gae_example_matches_torch_reference(tmp_path):
-    out = build_and_run(tmp_path, "gae_example.cpp", ["advantages.cpp"])
+    out = build_and_run(tmp_path, "gae_example.cpp", ["advantages.cpp", "parallel.cpp"])
     printed = torch.tensor([[float(x) for x in line.split()] for line in out.strip().splitlines()],
                            dtype=torch.float64)
     # The example's batch (examples/gae_example.cpp), as float32 values.

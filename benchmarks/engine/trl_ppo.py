@@ -76,7 +76,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback  # noqa: E402
 
 from rlhf_engine.bench import NEW_TOKENS, PROMPT_TOKENS, PROMPTS, ppo_work_config, prompt_batches  # noqa: E402
-from rlhf_engine.engine.metrics import rss_peak_mib  # noqa: E402
+from rlhf_engine.profiling import rss_peak_mib  # noqa: E402
 from rlhf_engine.models.builders import build_policy, build_reward_model  # noqa: E402
 from rlhf_engine.models.scalar_heads import critic_from  # noqa: E402
 from rlhf_engine.models.tokenizer import byte_tokenizer  # noqa: E402

@@ -26,6 +26,7 @@ import torch
 
 import harness
 from rlhf_engine.ops import gae, group_advantages, masked_whiten
+from tests.inputs import gae_inputs, response_mask
 
 DEV = harness.device()
 GAMMA, LAM = 0.99, 0.95
@@ -126,12 +127,8 @@ def inputs(case):
 
 def _draw(case):
     gen = torch.Generator(DEV).manual_seed(0)
-    rewards = torch.randn(case.b, case.t, generator=gen, device=DEV)
-    values = torch.randn(case.b, case.t, generator=gen, device=DEV)
-    lengths = torch.randint(case.t // 2, case.t + 1, (case.b, 1), generator=gen, device=DEV)
-    positions = torch.arange(case.t, device=DEV)
-    mask = (positions < lengths) & ~((positions >= case.t // 8) & (positions < case.t // 4))
-    return (rewards, values, mask)
+    return gae_inputs(gen, case.b, case.t, empty_row=False,
+                      mask=lambda g, b, t: response_mask(g, b, t, min_length=t // 2, span=(t // 8, t // 4)))
 
 
 # The benchmark ---------------------------------------------------------------------

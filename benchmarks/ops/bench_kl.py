@@ -21,6 +21,7 @@ import torch
 
 import harness
 from rlhf_engine.ops import kl_penalty, kl_shaped_rewards
+from tests.inputs import logprob_pair, response_mask
 
 DEV = harness.device()
 SHAPE = (512, 4096)
@@ -87,10 +88,8 @@ def inputs():
 
 def _draw():
     gen = torch.Generator(DEV).manual_seed(0)
-    lp = -torch.rand(SHAPE, generator=gen, device=DEV) * 3
-    ref = lp + 0.3 * torch.randn(SHAPE, generator=gen, device=DEV)
-    lengths = torch.randint(1, SHAPE[1] + 1, (SHAPE[0],), generator=gen, device=DEV)
-    mask = torch.arange(SHAPE[1], device=DEV) < lengths[:, None]
+    lp, ref = logprob_pair(gen, SHAPE, spread=0.3)
+    mask = response_mask(gen, *SHAPE, min_length=1)
     return (torch.randn(SHAPE[0], generator=gen, device=DEV), lp, ref, mask)
 
 

@@ -19,6 +19,7 @@ import torch
 
 import harness
 from rlhf_engine.ops import linear_token_logprobs
+from tests.inputs import linear_head_inputs
 
 OP = "linear_token_logprobs"
 DEV = harness.device()
@@ -84,9 +85,7 @@ def inputs(case):
 
 def _draw(case):
     gen = torch.Generator(DEV).manual_seed(0)
-    hidden = torch.randn(case.n, case.h, generator=gen, device=DEV, dtype=case.dtype)
-    weight = torch.randn(case.v, case.h, generator=gen, device=DEV, dtype=case.dtype) * case.h ** -0.5 * 2
-    labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
+    hidden, weight, _, labels = linear_head_inputs(gen, (case.n,), case.h, case.v, case.dtype, bias=False, ignored=0)
     return (hidden, weight, labels)
 
 

@@ -16,6 +16,7 @@ import torch
 
 import harness
 from rlhf_engine.ops import token_logprobs
+from tests.inputs import logits_and_labels
 
 OP = "token_logprobs"
 T = 1.0  # temperature (Liger has none; the others divide by it)
@@ -114,9 +115,7 @@ def inputs(case):
 
 def _draw(case):
     gen = torch.Generator(DEV).manual_seed(0)
-    logits = torch.randn(case.n, case.v, generator=gen, device=DEV, dtype=case.dtype).mul_(3)
-    labels = torch.randint(0, case.v, (case.n,), generator=gen, device=DEV)
-    return (logits, labels)
+    return logits_and_labels(gen, (case.n,), case.v, case.dtype, scale=3.0, ignored=0)
 
 
 def notes(case):

@@ -22,6 +22,8 @@ import torch
 
 import harness
 from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss
+from tests.inputs import ppo_loss_inputs
+from tests.reference import policy_token_losses
 
 DEV = harness.device()
 CLIP = 0.2
@@ -58,14 +60,12 @@ CANDIDATES = {
 # Candidates ----------------------------------------------------------------------
 
 def eager_policy(logprobs, old, adv, mask):
-    """The reference: API.md's formulas, token-mean, with autograd."""
-    neg_kl = torch.clamp(logprobs - old, -20, 20)
-    ratio = torch.exp(neg_kl)
-    l1 = -adv * ratio
-    l2 = -adv * torch.clamp(ratio, 1 - CLIP, 1 + CLIP)
+    """The reference: API.md's formulas (tests/reference.py, the op tests'
+    reference), token-mean, with autograd."""
+    per_token, l1, l2, neg_kl, _ = policy_token_losses(logprobs, old, adv, CLIP, CLIP)
     m = mask.float()
     n = m.sum().clamp(min=1)
-    loss = (torch.maximum(l1, l2) * m).sum() / n
+    loss = (per_token * m).sum() / n
     return loss, {"clipfrac": ((l2 > l1).float() * m).sum() / n, "approx_kl": (-neg_kl * m).sum() / n}
 
 
@@ -116,11 +116,7 @@ def inputs(case):
 
 def _draw(case):
     gen = torch.Generator(DEV).manual_seed(0)
-    x = -torch.rand(case.b, case.t, generator=gen, device=DEV) * 3
-    old = x + 0.2 * torch.randn(case.b, case.t, generator=gen, device=DEV)
-    target = torch.randn(case.b, case.t, generator=gen, device=DEV)
-    mask = torch.rand(case.b, case.t, generator=gen, device=DEV) > 0.1
-    return (x, old, target, mask)
+    return ppo_loss_inputs(gen, case.b, case.t, spread=0.2, masked=0.1, edge_rows=False, clamp_tokens=False)
 
 
 def notes(op, case):

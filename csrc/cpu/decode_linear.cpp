@@ -4,9 +4,9 @@
 // A decode step multiplies a few activation rows by every weight of the model,
 // so it is bound by reading the weights (float32, about 4 bytes per
 // multiply-add and row of x). MKL's sgemm packs the weight first and then
-// streams the packed copy: measured at 8 rows on the 2-core AMD EPYC machine,
-// it read a Llama layer stack's weights at 4-8 GB/s, against 23-28 GB/s for a
-// plain sum over the same memory. Here each weight row is read once, in
+// streams the packed copy, which at a few rows reads the weights at a fraction
+// of the memory bandwidth (one machine's numbers:
+// benchmarks/results/amd-epyc/notes.md). Here each weight row is read once, in
 // order, with a software prefetch 4 KiB ahead; two weight rows at a time are
 // dotted with up to kRowsPerPass rows of x (eight accumulators, so the FMAs
 // overlap and each load of x serves two weight rows; measured 6-11 % faster

@@ -1,12 +1,11 @@
 // KL penalty and KL-shaped rewards on the CPU: the `_cpu` entry points of
 // rlhf_engine/kl.h (plain C++, no torch).
 //
-// Every op is one element-wise pass. The per-element math is branch-free
-// (both k3 branches are computed and selected), with the estimator a template
-// parameter, so each loop vectorizes; exp is rlhf::exp_bounded
-// (scalar_math.h) rather than a libm call for the same reason. Work is split over
-// threads with rlhf::parallel_for (element ranges, or whole rows for the
-// shaped rewards).
+// Every op is one element-wise pass. The per-element math
+// (rlhf_engine/token_math.h, shared with the CUDA kernels) is branch-free,
+// with the estimator a template parameter, so each loop vectorizes. Work is
+// split over threads with rlhf::parallel_for (element ranges, or whole rows
+// for the shaped rewards).
 #include "rlhf_engine/kl.h"
 
 #include <algorithm>
@@ -14,71 +13,14 @@
 #include <type_traits>
 
 #include "parallel.h"
-#include "scalar_math.h"
+#include "rlhf_engine/token_math.h"
 
 namespace {
 
+using rlhf::kl_derivative;
+using rlhf::kl_value;
+
 constexpr int64_t kGrain = 1 << 15;  // elements per thread, at least
-
-// ---- scalar math ----------------------------------------------------------
-
-// exp(r) - 1 - r without cancellation: the Taylor series r^2 (1/2! + r/3! +
-// ... + r^10/12!) for |r| < 1 (truncation < 2e-10 relative), exp(r) - 1 - r
-// beyond. |r| <= 20.
-inline float exp_m1_m_id(float r) {
-  float p = 1.f / 479001600.f;
-  p = p * r + 1.f / 39916800.f;
-  p = p * r + 1.f / 3628800.f;
-  p = p * r + 1.f / 362880.f;
-  p = p * r + 1.f / 40320.f;
-  p = p * r + 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  const float series = r * r * p;
-  const float direct = (rlhf::exp_bounded(r) - 1.f) - r;
-  return (r < 1.f && r > -1.f) ? series : direct;
-}
-
-constexpr float kK3Ratio = 20.f;  // clamp of r = -d
-constexpr float kK3Value = 10.f;  // clamp of the value
-
-// kl(d) of the estimator E (rlhf_kl_estimator).
-template <int E>
-inline float kl_value(float d) {
-  if constexpr (E == RLHF_KL_K1) {
-    return d;
-  } else if constexpr (E == RLHF_KL_ABS) {
-    return d < 0.f ? -d : d;
-  } else if constexpr (E == RLHF_KL_K2) {
-    return 0.5f * d * d;
-  } else {
-    const float r = rlhf::clamp(-d, -kK3Ratio, kK3Ratio);
-    return rlhf::clamp(exp_m1_m_id(r), -kK3Value, kK3Value);
-  }
-}
-
-// dkl/dd of the estimator E; NaN where d is NaN.
-template <int E>
-inline float kl_derivative(float d) {
-  const float nan_or_zero = d - d;  // NaN for NaN (and inf) d, else 0
-  const bool is_nan = d != d;
-  if constexpr (E == RLHF_KL_K1) {
-    return is_nan ? nan_or_zero : 1.f;
-  } else if constexpr (E == RLHF_KL_ABS) {
-    return is_nan ? nan_or_zero : static_cast<float>((d > 0.f) - (d < 0.f));
-  } else if constexpr (E == RLHF_KL_K2) {
-    return d;
-  } else {
-    const float r_raw = -d;
-    const float r = rlhf::clamp(r_raw, -kK3Ratio, kK3Ratio);
-    const float v = exp_m1_m_id(r);
-    const bool binds = r_raw < -kK3Ratio || r_raw > kK3Ratio || v < -kK3Value || v > kK3Value;
-    return binds ? 0.f : -(v + r);  // d/dd (e^r - r - 1) = -(e^r - 1)
-  }
-}
 
 // ---- element-wise loops -----------------------------------------------------
 

@@ -12,75 +12,30 @@
 // the number of threads, and are bit-identical run to run.
 // Backward: one pass, recomputing each token's derivative and writing
 // upstream * weight_row * dl/dx (no other [B, T] buffer is touched).
-// Rows are spread over threads with rlhf::parallel_for.
+// Rows are spread over threads with rlhf::parallel_for. The per-token math
+// (PolicyLoss, ValueLoss, Pairs) is rlhf_engine/token_math.h, shared with the
+// CUDA kernels.
 // Pairwise: tiles of RLHF_PAIRWISE_TILE pairs are spread over threads, each
 // summed in float64 into its partials; the partials are then summed in tile
 // order in float64. The backward is one element-wise pass.
 #include "rlhf_engine/losses.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 #include "parallel.h"
-#include "scalar_math.h"
+#include "rlhf_engine/token_math.h"
 
 namespace {
 
 constexpr int64_t kTile = 256;   // tokens per tile (multiple of kLanes)
 constexpr int64_t kLanes = 16;   // float64 accumulators per statistic
 constexpr int64_t kGrainTokens = 1 << 15;  // tokens per thread at least
-constexpr float kNegKlBound = 20.0f;
 
-
-// One token's loss l, derivative dl, and statistics (clipped, -neg_kl, lower).
-struct Token {
-  float l, dl, clipped, kl, lower;
-};
-
-struct PolicyLoss {
-  const float* logprobs;
-  const float* old_logprobs;
-  const float* advantages;
-  float lo, hi, dual;  // ratio bounds 1 - clip_low, 1 + clip_high; dual clip (0: off)
-
-  inline Token operator()(int64_t i) const {
-    const float d = logprobs[i] - old_logprobs[i];
-    const float neg_kl = rlhf::clamp(d, -kNegKlBound, kNegKlBound);
-    const float ratio = rlhf::exp_bounded(neg_kl);
-    const float a = advantages[i];
-    const float l1 = -a * ratio;
-    const float l2 = -a * rlhf::clamp(ratio, lo, hi);
-    const bool clipped = l2 > l1;
-    const float pass = (d >= -kNegKlBound && d <= kNegKlBound) ? 1.0f : 0.0f;
-    float l = clipped ? l2 : l1;
-    float dl = clipped ? 0.0f : l1 * pass;
-    const float bound = -a * dual;
-    const bool lower = dual > 0.0f && a < 0.0f && l > bound;
-    l = lower ? bound : l;
-    dl = lower ? 0.0f : dl;
-    return {l, dl, clipped ? 1.0f : 0.0f, -neg_kl, lower ? 1.0f : 0.0f};
-  }
-};
-
-struct ValueLoss {
-  const float* values;
-  const float* old_values;
-  const float* returns;
-  float clip;
-
-  inline Token operator()(int64_t i) const {
-    const float v = values[i], old = old_values[i], ret = returns[i];
-    const float delta = v - old;
-    const bool inside = delta >= -clip && delta <= clip;
-    const float e1 = v - ret;
-    // v_clip is exactly v inside the clip range (no rounding noise in the flag)
-    const float e2 = inside ? e1 : old + rlhf::clamp(delta, -clip, clip) - ret;
-    const float s1 = e1 * e1, s2 = e2 * e2;
-    const bool on_e2 = !(s2 <= s1);  // NaN in e2 selects it: NaN propagates
-    return {0.5f * (on_e2 ? s2 : s1), on_e2 ? e2 * 0.0f : e1, s2 > s1 ? 1.0f : 0.0f, 0.0f, 0.0f};
-  }
-};
+using rlhf::Pairs;
+using rlhf::PolicyLoss;
+using rlhf::Token;
+using rlhf::ValueLoss;
 
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, kGrainTokens / std::max<int64_t>(T, 1)); }
 
@@ -177,37 +132,6 @@ int backward(const Loss& loss, const float* grad_loss, const uint8_t* mask, int6
   return 0;
 }
 
-// z = chosen - rejected - margin of pair i.
-struct Pairs {
-  const float* chosen;
-  const float* rejected;
-  const float* margin;
-
-  inline float z(int64_t i) const { return chosen[i] - rejected[i] - margin[i]; }
-};
-
-// log(1 + e) for e in [0, 1]: 2 atanh(q), q = e / (2 + e) <= 1/3, by its odd
-// series to q^15 (truncation < 1e-9 relative); vectorizes, unlike log1pf.
-inline float log1p_unit(float e) {
-  const float q = e / (2.0f + e);
-  const float q2 = q * q;
-  float p = 1.0f / 15.0f;
-  p = p * q2 + 1.0f / 13.0f;
-  p = p * q2 + 1.0f / 11.0f;
-  p = p * q2 + 1.0f / 9.0f;
-  p = p * q2 + 1.0f / 7.0f;
-  p = p * q2 + 1.0f / 5.0f;
-  p = p * q2 + 1.0f / 3.0f;
-  p = p * q2 + 1.0f;
-  return 2.0f * q * p;
-}
-
-// softplus(-z) = -logsigmoid(z) = max(-z, 0) + log(1 + exp(-|z|)), stable for
-// any z; NaN propagates (std::max returns its first argument then).
-inline float softplus_neg(float z) {
-  return std::max(-z, 0.0f) + log1p_unit(rlhf::exp_bounded(rlhf::clamp(-std::fabs(z), -87.0f, 0.0f)));
-}
-
 // partials[0..2) of the pairs [lo, hi): (sum softplus(-z), number correct).
 // Blocks of kTile pairs are evaluated by a vectorizable loop into kLanes
 // float32 lanes, added once per block into float64.
@@ -217,8 +141,8 @@ void pairwise_tile(const Pairs& p, int64_t lo, int64_t hi, float* out) {
     const int64_t n = std::min(kTile, hi - start);
     float losses[kTile], corrects[kTile];
     for (int64_t i = 0; i < n; ++i) {
-      losses[i] = softplus_neg(p.z(start + i));
-      corrects[i] = p.chosen[start + i] > p.rejected[start + i] ? 1.0f : 0.0f;
+      losses[i] = rlhf::softplus_neg(p.z(start + i));
+      corrects[i] = p.correct(start + i);
     }
     float loss_lanes[kLanes] = {}, correct_lanes[kLanes] = {};
     for (int64_t i = 0; i < n; ++i) {
@@ -263,7 +187,7 @@ int pairwise_backward(const Pairs& p, const float* grad_loss, int64_t N, float* 
   try {
     rlhf::parallel_for(0, N, kGrainTokens, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const float g = -w / (1.0f + rlhf::exp_bounded(rlhf::clamp(p.z(i), -87.0f, 87.0f)));  // -sigmoid(-z) g / N
+        const float g = rlhf::softplus_neg_grad(p.z(i), w);  // -sigmoid(-z) g / N
         grad_chosen[i] = g;
         grad_rejected[i] = -g;
       }

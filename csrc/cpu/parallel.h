@@ -1,48 +1,34 @@
 // parallel_for for the plain C++ CPU kernels (no torch, no OpenMP runtime,
-// so a program can link them alone): splits [begin, end) into contiguous
-// chunks of at least `grain` items over std::thread workers, the calling
-// thread taking the first chunk. RLHF_ENGINE_NUM_THREADS caps the workers
-// (default: the hardware's concurrency).
+// so a program can link them alone). [begin, end) is split into
+// min(threads, (end - begin) / grain) contiguous chunks of equal size (at
+// least 1), where `threads` is the calling thread's count
+// (rlhf_set_num_threads in rlhf_engine/threads.h); the chunks run on the
+// calling thread and on the workers of one persistent pool (parallel.cpp).
+// Which thread runs a chunk never changes the chunks themselves, so results
+// depend only on the sizes and the thread count.
 #ifndef RLHF_ENGINE_CPU_PARALLEL_H_
 #define RLHF_ENGINE_CPU_PARALLEL_H_
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <thread>
-#include <vector>
 
 namespace rlhf {
 
-inline int64_t max_threads() {
-  static const int64_t n = [] {
-    const char* env = std::getenv("RLHF_ENGINE_NUM_THREADS");
-    const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    return env ? std::max<int64_t>(1, std::atoll(env)) : hw;
-  }();
-  return n;
-}
+// The calling thread's thread count (>= 1).
+int num_threads();
+
+using RangeFn = void (*)(const void* ctx, int64_t begin, int64_t end);
+
+// fn(ctx, chunk_begin, chunk_end) on the chunks of [begin, end); returns when
+// all have run. An exception thrown by a chunk is rethrown here (the first
+// one; the other chunks still run).
+void parallel_run(int64_t begin, int64_t end, int64_t grain, RangeFn fn, const void* ctx);
 
 // fn(chunk_begin, chunk_end) on disjoint chunks covering [begin, end).
 template <typename Fn>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
-  const int64_t n = end - begin;
-  if (n <= 0) return;
-  const int64_t chunks = std::min(max_threads(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1)));
-  if (chunks == 1) {
-    fn(begin, end);
-    return;
-  }
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> workers;
-  workers.reserve(chunks - 1);
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t lo = begin + c * step;
-    const int64_t hi = std::min(end, lo + step);
-    if (lo < hi) workers.emplace_back([&fn, lo, hi] { fn(lo, hi); });
-  }
-  fn(begin, std::min(end, begin + step));
-  for (auto& w : workers) w.join();
+  parallel_run(
+      begin, end, grain, [](const void* ctx, int64_t lo, int64_t hi) { (*static_cast<const Fn*>(ctx))(lo, hi); },
+      &fn);
 }
 
 }  // namespace rlhf

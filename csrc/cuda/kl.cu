@@ -11,8 +11,9 @@
 //                         synchronisation; the mask (1 byte a token) is read
 //                         twice, the second time from cache.
 //
-// The estimator is a template parameter. k3's exp(r) - r - 1 is a Taylor
-// series for |r| < 1 (no cancellation at small d); clamps pass NaN through.
+// The estimator is a template parameter. The per-element math (kl_value,
+// kl_derivative: k3's exp(r) - r - 1 without cancellation at small d, NaN
+// passed through) is rlhf_engine/token_math.h, shared with the CPU kernels.
 // All indices are int64.
 #include "rlhf_engine/kl.h"
 
@@ -21,58 +22,15 @@
 
 #include <type_traits>
 
+#include "rlhf_engine/token_math.h"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;
-constexpr float kK3Ratio = 20.f;
-constexpr float kK3Value = 10.f;
 
-__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
-}
-
-// exp(r) - 1 - r for |r| <= 20: r^2 (1/2! + r/3! + ... + r^10/12!) for |r| < 1.
-__device__ __forceinline__ float exp_m1_m_id(float r) {
-  float p = 1.f / 479001600.f;
-  p = fmaf(p, r, 1.f / 39916800.f);
-  p = fmaf(p, r, 1.f / 3628800.f);
-  p = fmaf(p, r, 1.f / 362880.f);
-  p = fmaf(p, r, 1.f / 40320.f);
-  p = fmaf(p, r, 1.f / 5040.f);
-  p = fmaf(p, r, 1.f / 720.f);
-  p = fmaf(p, r, 1.f / 120.f);
-  p = fmaf(p, r, 1.f / 24.f);
-  p = fmaf(p, r, 1.f / 6.f);
-  p = fmaf(p, r, 0.5f);
-  return fabsf(r) < 1.f ? r * r * p : (expf(r) - 1.f) - r;
-}
-
-template <int E>
-__device__ __forceinline__ float kl_value(float d) {
-  if (E == RLHF_KL_K1) return d;
-  if (E == RLHF_KL_ABS) return fabsf(d);
-  if (E == RLHF_KL_K2) return 0.5f * d * d;
-  return clamp_nan(exp_m1_m_id(clamp_nan(-d, -kK3Ratio, kK3Ratio)), -kK3Value, kK3Value);
-}
-
-// dkl/dd; NaN where d is NaN, 0 where a k3 clamp binds.
-template <int E>
-__device__ __forceinline__ float kl_derivative(float d) {
-  float out;
-  if (E == RLHF_KL_K1) {
-    out = 1.f;
-  } else if (E == RLHF_KL_ABS) {
-    out = d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f);
-  } else if (E == RLHF_KL_K2) {
-    out = d;
-  } else {
-    const float r = clamp_nan(-d, -kK3Ratio, kK3Ratio);
-    const float v = exp_m1_m_id(r);
-    out = (fabsf(d) > kK3Ratio || fabsf(v) > kK3Value) ? 0.f : -(v + r);
-  }
-  return d != d ? d : out;
-}
+using rlhf::kl_derivative;
+using rlhf::kl_value;
 
 template <int E>
 __global__ void forward_kernel(const float* __restrict__ lp, const float* __restrict__ ref, int64_t n,

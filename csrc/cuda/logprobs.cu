@@ -33,12 +33,21 @@
 // dtype, non-NULL required pointers.
 #include "rlhf_engine/logprobs.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
+
+using rlhf::cuda::load_one;
+using rlhf::cuda::load_vec;
+using rlhf::cuda::load_vecs;
+using rlhf::cuda::RowSplit;
+using rlhf::cuda::split_row;
+using rlhf::cuda::store_one;
+using rlhf::cuda::store_vec;
+using rlhf::cuda::Vec;
 
 constexpr int kMaxThreads = 512;   // threads per block (upper bound)
 constexpr int kMinBlocks = 2;      // blocks per SM: caps registers at 64
@@ -51,109 +60,6 @@ constexpr float kFltMax = 3.402823466e38f;
 // backward must use the same c as every other backend).
 __device__ __forceinline__ float log2e_over(float temperature) {
   return static_cast<float>(1.4426950408889634 / static_cast<double>(temperature));
-}
-
-// ---------------------------------------------------------------------------
-// Loads and stores: fp32 / fp16 / bf16 <-> float.
-
-template <typename T>
-struct Vec {
-  static constexpr int kLen = 16 / static_cast<int>(sizeof(T));  // per 16 B
-};
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// One 32-bit word of a vector <-> its 1 or 2 floats.
-__device__ __forceinline__ void unpack_word(uint32_t w, float* f, float) {
-  f[0] = __uint_as_float(w);
-}
-__device__ __forceinline__ void unpack_word(uint32_t w, float* f, __half) {
-  f[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w)));
-  f[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
-}
-__device__ __forceinline__ void unpack_word(uint32_t w, float* f,
-                                            __nv_bfloat16) {
-  f[0] = __uint_as_float(w << 16);
-  f[1] = __uint_as_float(w & 0xffff0000u);
-}
-__device__ __forceinline__ uint32_t pack_word(const float* f, float) {
-  return __float_as_uint(f[0]);
-}
-__device__ __forceinline__ uint32_t pack_word(const float* f, __half) {
-  const __half2_raw r = __floats2half2_rn(f[0], f[1]);
-  return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
-}
-__device__ __forceinline__ uint32_t pack_word(const float* f, __nv_bfloat16) {
-  const __nv_bfloat162_raw r = __floats2bfloat162_rn(f[0], f[1]);
-  return static_cast<uint32_t>(r.x) | (static_cast<uint32_t>(r.y) << 16);
-}
-
-// Streaming (evict-first) loads: the logits are read exactly once. ld.cs is
-// coherent, so it is safe when grad_logits aliases the logits.
-template <typename T>
-__device__ __forceinline__ float load_one(const T* p) {
-  return to_float(__ldcs(p));
-}
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::kLen]) {
-  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  constexpr int kPerWord = Vec<T>::kLen / 4;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) unpack_word(w[i], f + i * kPerWord, T());
-}
-
-template <typename T>
-__device__ __forceinline__ void store_one(T* p, float x) {
-  *p = from_float<T>(x);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p,
-                                          const float (&f)[Vec<T>::kLen]) {
-  constexpr int kPerWord = Vec<T>::kLen / 4;
-  uint4 raw;
-  raw.x = pack_word(f + 0 * kPerWord, T());
-  raw.y = pack_word(f + 1 * kPerWord, T());
-  raw.z = pack_word(f + 2 * kPerWord, T());
-  raw.w = pack_word(f + 3 * kPerWord, T());
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-
-// A row split into a scalar head (up to the first 16-byte boundary), a body
-// of 16-byte vectors and a scalar tail.
-struct RowSplit {
-  int64_t head;        // elements [0, head) are scalar
-  int64_t nvec;        // vectors covering [head, tail_start)
-  int64_t tail_start;  // elements [tail_start, n) are scalar
-};
-
-template <typename T>
-__device__ __forceinline__ RowSplit split_row(const void* row, int64_t n) {
-  constexpr int kLen = Vec<T>::kLen;
-  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(row) & 15u);
-  int64_t head = mis ? (16 - mis) / static_cast<int>(sizeof(T)) : 0;
-  head = head < n ? head : n;
-  const int64_t nvec = (n - head) / kLen;
-  return {head, nvec, head + nvec * kLen};
 }
 
 // 2^x on the special-function unit (ex2.approx; results below 2^-126 flush
@@ -298,9 +204,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     int64_t i = tid;
     for (; i + (kUnroll - 1) * nt < sp.nvec; i += kUnroll * nt) {
       float v[kUnroll][kLen];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        load_vec(body + (i + u * nt) * kLen, v[u]);
+      load_vecs<kUnroll>(body + i * kLen, nt, v);
       accumulate<kUnroll * kLen>(st, mx, &v[0][0], c);
     }
     for (; i < sp.nvec; i += nt) {
@@ -429,9 +333,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
       int64_t i = tid;
       for (; i + (kUnroll - 1) * nt < sp.nvec; i += kUnroll * nt) {
         float v[kUnroll][kLen];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-          load_vec(xb + (i + u * nt) * kLen, v[u]);
+        load_vecs<kUnroll>(xb + i * kLen, nt, v);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t rel = label_b - (i + u * nt) * kLen;

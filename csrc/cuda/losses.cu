@@ -17,81 +17,24 @@
 // Pairwise: one block per tile of RLHF_PAIRWISE_TILE pairs writes the tile's
 // partials (fixed tree), one block reduces them in float64 in a fixed order;
 // the backward is one grid-stride element-wise pass.
-// exp(neg_kl) is formed as exp2(t) * (1 + r ln 2), t = neg_kl * log2(e) and r
-// its exact residual (fmaf), which keeps float32 accuracy under
-// --use_fast_math up to |neg_kl| = 20. Clamps use comparisons, not
-// fminf/fmaxf, so that NaN propagates. Offsets are int64.
+// The per-token math (PolicyLoss, ValueLoss, Pairs: exp as exp2(t) * (1 + r
+// ln 2), accurate under --use_fast_math; NaN propagated) is
+// rlhf_engine/token_math.h, shared with the CPU kernels. Offsets are int64.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "rlhf_engine/losses.h"
+#include "rlhf_engine/token_math.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr float kNegKlBound = 20.0f;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
-struct Token {
-  float l, dl, clipped, kl, lower;
-};
-
-__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
-  x = x < lo ? lo : x;
-  return x > hi ? hi : x;
-}
-
-// exp(x) as exp2(t) * (1 + r ln 2), t = x log2(e) and r its exact residual:
-// float32 accuracy under --use_fast_math for |x| up to about 88.
-__device__ __forceinline__ float exp_accurate(float x) {
-  const float t = x * kLog2e;
-  return exp2f(t) * (1.0f + fmaf(x, kLog2e, -t) * kLn2);
-}
-
-struct PolicyLoss {
-  const float* logprobs;
-  const float* old_logprobs;
-  const float* advantages;
-  float lo, hi, dual;  // ratio bounds 1 - clip_low, 1 + clip_high; dual clip (0: off)
-
-  __device__ __forceinline__ Token operator()(int64_t i) const {
-    const float d = logprobs[i] - old_logprobs[i];
-    const float neg_kl = clamp_nan(d, -kNegKlBound, kNegKlBound);
-    const float ratio = exp_accurate(neg_kl);
-    const float a = advantages[i];
-    const float l1 = -a * ratio;
-    const float l2 = -a * clamp_nan(ratio, lo, hi);
-    const bool clipped = l2 > l1;
-    const float pass = (d >= -kNegKlBound && d <= kNegKlBound) ? 1.0f : 0.0f;
-    float l = clipped ? l2 : l1;
-    float dl = clipped ? 0.0f : l1 * pass;
-    const float bound = -a * dual;
-    const bool lower = dual > 0.0f && a < 0.0f && l > bound;
-    l = lower ? bound : l;
-    dl = lower ? 0.0f : dl;
-    return {l, dl, clipped ? 1.0f : 0.0f, -neg_kl, lower ? 1.0f : 0.0f};
-  }
-};
-
-struct ValueLoss {
-  const float* values;
-  const float* old_values;
-  const float* returns;
-  float clip;
-
-  __device__ __forceinline__ Token operator()(int64_t i) const {
-    const float v = values[i], old = old_values[i], ret = returns[i];
-    const float delta = v - old;
-    const bool inside = delta >= -clip && delta <= clip;
-    const float e1 = v - ret;
-    const float e2 = inside ? e1 : old + clamp_nan(delta, -clip, clip) - ret;  // v_clip is exactly v inside
-    const float s1 = e1 * e1, s2 = e2 * e2;
-    const bool on_e2 = !(s2 <= s1);  // NaN in e2 selects it: NaN propagates
-    return {0.5f * (on_e2 ? s2 : s1), on_e2 ? e2 * 0.0f : e1, s2 > s1 ? 1.0f : 0.0f, 0.0f, 0.0f};
-  }
-};
+using rlhf::Pairs;
+using rlhf::PolicyLoss;
+using rlhf::Token;
+using rlhf::ValueLoss;
 
 // Fixed-order tree sum of `s[k][0..kThreads)` for every k, into s[k][0].
 template <typename F, int K>
@@ -179,29 +122,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Loss loss, const flo
   }
 }
 
-// exp_accurate's argument bound (its residual is NaN at +-inf); exp(-110)
-// rounds to 0 and exp(110) to inf in float32 anyway.
-constexpr float kExpBound = 110.0f;
-
-// Pairs: z = chosen - rejected - margin of pair i.
-struct Pairs {
-  const float* chosen;
-  const float* rejected;
-  const float* margin;
-
-  __device__ __forceinline__ float z(int64_t i) const { return chosen[i] - rejected[i] - margin[i]; }
-};
-
 __global__ void __launch_bounds__(kThreads) pairwise_tiles_kernel(Pairs p, int64_t N, float* __restrict__ partials) {
   __shared__ float s[2][kThreads];
   const int64_t lo = static_cast<int64_t>(blockIdx.x) * RLHF_PAIRWISE_TILE;
   const int64_t hi = lo + RLHF_PAIRWISE_TILE < N ? lo + RLHF_PAIRWISE_TILE : N;
   float loss = 0.0f, correct = 0.0f;
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-    const float z = p.z(i);
-    // softplus(-z) = max(-z, 0) + log1p(exp(-|z|)) (the comparison keeps NaN)
-    loss += (z > 0.0f ? 0.0f : -z) + log1pf(exp_accurate(-fabsf(clamp_nan(z, -kExpBound, kExpBound))));
-    correct += p.chosen[i] > p.rejected[i] ? 1.0f : 0.0f;
+    loss += rlhf::softplus_neg(p.z(i));
+    correct += p.correct(i);
   }
   s[0][threadIdx.x] = loss;
   s[1][threadIdx.x] = correct;
@@ -234,8 +162,7 @@ __global__ void __launch_bounds__(kThreads) pairwise_backward_kernel(Pairs p, co
   const float w = __fdiv_rn(*grad_loss, static_cast<float>(N));
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += step) {
-    const float e = exp_accurate(clamp_nan(p.z(i), -kExpBound, kExpBound));
-    const float g = __fdiv_rn(-w, 1.0f + e);  // -sigmoid(-z) g / N
+    const float g = rlhf::softplus_neg_grad(p.z(i), w);  // -sigmoid(-z) g / N
     grad_chosen[i] = g;
     grad_rejected[i] = -g;
   }

@@ -38,18 +38,30 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
-@dataclasses.dataclass
-class Experience(Rollout):
-    """A scored rollout: everything the learn phase needs."""
+@dataclasses.dataclass(kw_only=True)
+class Scored(Rollout):
+    """A rollout with what the score phase measured on it (output of step 2)."""
 
-    old_logprobs: Optional[torch.Tensor] = None  # [B, T] float32: policy log-probs before this iteration's updates
-    ref_logprobs: Optional[torch.Tensor] = None  # [B, T] float32: reference policy log-probs
-    values: Optional[torch.Tensor] = None  # [B, T] float32: critic values (None without a critic)
-    raw_scores: Optional[torch.Tensor] = None  # [B] float32: the reward model's scores as given
-    scores: Optional[torch.Tensor] = None  # [B] float32: reward model scores (after clipping and the truncation rule)
-    rewards: Optional[torch.Tensor] = None  # [B, T] float32: per-token rewards (KL-shaped when KL is in the reward)
-    advantages: Optional[torch.Tensor] = None  # [B, T] float32
-    returns: Optional[torch.Tensor] = None  # [B, T] float32: advantages + values (critic targets)
+    old_logprobs: torch.Tensor  # [B, T] float32: policy log-probs before this iteration's updates
+    ref_logprobs: torch.Tensor  # [B, T] float32: reference policy log-probs
+    values: Optional[torch.Tensor]  # [B, T] float32: critic values (None without a critic)
+    raw_scores: torch.Tensor  # [B] float32: the reward model's scores as given
+    scores: torch.Tensor  # [B] float32: reward model scores (after clipping and the truncation rule)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Experience(Scored):
+    """A scored rollout with its advantages (output of step 3): everything the learn phase needs."""
+
+    rewards: torch.Tensor  # [B, T] float32: per-token rewards (KL-shaped when KL is in the reward)
+    advantages: torch.Tensor  # [B, T] float32
+    returns: torch.Tensor  # [B, T] float32: advantages + values (critic targets)
+
+
+def extend(batch, cls, **fields):
+    """A ``cls`` (a subclass of ``batch``'s type) with ``batch``'s fields and
+    the new ``fields``: each phase builds its output whole."""
+    return cls(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, **fields)
 
 
 def map_tensors(batch, fn):
@@ -63,13 +75,8 @@ def map_tensors(batch, fn):
 
 def select(batch, index):
     """The rows ``index`` (``[b]`` int64 tensor) of every tensor field of a
-    :class:`Rollout` / :class:`Experience`; scalar fields are kept."""
+    :class:`Rollout`, :class:`Scored` or :class:`Experience`; scalar fields are kept."""
     return map_tensors(batch, lambda t: t[index])
-
-
-def to_device(batch, device):
-    """A copy of ``batch`` with every tensor on ``device``."""
-    return map_tensors(batch, lambda t: t.to(device))
 
 
 def pad_to(batch, prompt_length, response_length, pad_id):
@@ -92,6 +99,4 @@ def pad_to(batch, prompt_length, response_length, pad_id):
         return torch.nn.functional.pad(t, (left, right), value=fill) if t.dtype != torch.bool else \
             torch.nn.functional.pad(t.to(torch.uint8), (left, right)).bool()
 
-    padded = map_tensors(batch, pad)
-    padded.prompt_length = prompt_length
-    return padded
+    return dataclasses.replace(map_tensors(batch, pad), prompt_length=prompt_length)

@@ -4,8 +4,9 @@ field's ``help`` is its flag's documentation) and a JSON/YAML file into an
 instance. Batch sizes count sequences (prompts x samples per prompt)."""
 import dataclasses
 import math
-from dataclasses import field
 from typing import Optional
+
+from rlhf_engine.options import option
 
 _CHOICES = {
     "dtype": ("float32", "bfloat16"),
@@ -57,103 +58,102 @@ _REMOVED = {
 }
 
 
-def _f(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclasses.dataclass
 class EngineConfig:
     """Everything one PPO iteration does. Defaults follow InstructGPT where it
     says (KL in the reward, k1, GAE) and common practice elsewhere."""
 
     # Placement and precision
-    device: str = _f("auto", "Device for all four models: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:N'.")
-    dtype: str = _f("float32", "float32, or bfloat16 for mixed precision (bf16 autocast; float32 weights, "
-                               "gradients and optimizer states).")
-    seed: int = _f(0, "Seed of the engine's generator (sampling and mini-batch shuffling).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations of the trained models in backward.")
-    offload: bool = _f(False, "Move what a phase does not use off the device between phases.")
-    offload_policy: str = _f("", "Per-item overrides of the default offload table, e.g. 'reward=all,ref=score' "
-                                 "(see rlhf_engine.engine.offload).")
-    shard_frozen: bool = _f(False, "Under torch.distributed, shard the reference and reward model with FSDP2 too "
-                                   "(default: each rank holds a full copy; the policy and critic are always sharded).")
-    concurrent_models: bool = _f(True, "On the CPU (2+ torch threads, one process), run the policy's and the "
-                                       "critic's forward/backward side by side, each with half of the threads; the "
-                                       "results are the same up to float32 rounding.")
-    retain_freed_memory: bool = _f(True, "On the CPU (Linux, glibc), keep freed memory in malloc's heap for reuse "
-                                         "instead of faulting in fresh pages every iteration (a process-wide "
-                                         "malloc setting; see rlhf_engine.engine.cpu_allocator).")
-    logprob_chunk_size: Optional[int] = _f(None, "Rows of logits held at once by linear_token_logprobs "
-                                                 "(None: chosen from free memory).")
+    device: str = option("auto", "Device for all four models: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:N'.")
+    dtype: str = option("float32", "float32, or bfloat16 for mixed precision (bf16 autocast; float32 weights, "
+                                   "gradients and optimizer states).")
+    seed: int = option(0, "Seed of the engine's generator (sampling and mini-batch shuffling).")
+    gradient_checkpointing: bool = option(False, "Recompute activations of the trained models in backward.")
+    offload: bool = option(False, "Move what a phase does not use off the device between phases.")
+    offload_policy: str = option("", "Per-item overrides of the default offload table, e.g. 'reward=all,ref=score' "
+                                     "(see rlhf_engine.engine.offload).")
+    shard_frozen: bool = option(False, "Under torch.distributed, shard the reference and reward model with FSDP2 "
+                                       "too (default: each rank holds a full copy; the policy and critic are always "
+                                       "sharded).")
+    concurrent_models: bool = option(True, "On the CPU (2+ torch threads, one process), run the policy's and the "
+                                           "critic's forward/backward side by side, each with half of the threads; the "
+                                           "results are the same up to float32 rounding.")
+    retain_freed_memory: bool = option(True, "On the CPU (Linux, glibc), keep freed memory in malloc's heap for reuse "
+                                             "instead of faulting in fresh pages every iteration (a process-wide "
+                                             "malloc setting; see rlhf_engine.engine.cpu_allocator).")
+    logprob_chunk_size: Optional[int] = option(None, "Rows of logits held at once by linear_token_logprobs "
+                                                     "(None: chosen from free memory).")
 
     # Rollout
-    max_new_tokens: int = _f(64, "Most tokens sampled per response.")
-    temperature: float = _f(1.0, "Sampling temperature > 0 (the trainer scores the same tempered distribution; "
-                                  "greedy decoding has no sampling distribution for the PPO ratio and the KL).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0: off). Responses are then drawn from the filtered "
-                            "distribution while the ratio and the KL use the unfiltered one (the objective is "
-                            "the policy's); the per-token gap is reported as rollout/filter_kl.")
-    top_k: int = _f(0, "Top-k sampling (0: off); see top_p.")
-    stop_at_eos: bool = _f(True, "End a response at EOS; False samples exactly max_new_tokens.")
-    samples_per_prompt: int = _f(1, "Responses sampled per prompt (the group size of group baselines).")
-    old_logprobs: str = _f("recompute", "Old policy log-probs: 'recompute' (a forward of the policy in the score "
-                                        "phase) or 'rollout' (the sampler's own, saving that forward).")
+    max_new_tokens: int = option(64, "Most tokens sampled per response.")
+    temperature: float = option(1.0, "Sampling temperature > 0 (the trainer scores the same tempered distribution; "
+                                      "greedy decoding has no sampling distribution for the PPO ratio and the KL).")
+    top_p: float = option(1.0, "Nucleus sampling threshold (1.0: off). Responses are then drawn from the filtered "
+                                "distribution while the ratio and the KL use the unfiltered one (the objective is "
+                                "the policy's); the per-token gap is reported as rollout/filter_kl.")
+    top_k: int = option(0, "Top-k sampling (0: off); see top_p.")
+    stop_at_eos: bool = option(True, "End a response at EOS; False samples exactly max_new_tokens.")
+    samples_per_prompt: int = option(1, "Responses sampled per prompt (the group size of group baselines).")
+    old_logprobs: str = option("recompute", "Old policy log-probs: 'recompute' (a forward of the policy in the score "
+                                            "phase) or 'rollout' (the sampler's own, saving that forward).")
 
     # Score
-    truncated_response: str = _f("as_is", "Responses cut at max_new_tokens without EOS: 'as_is' (scored as they "
-                                          "are) or 'penalty' (score replaced by truncation_penalty).")
-    truncation_penalty: float = _f(-1.0, "Score of a truncated response under truncated_response=penalty.")
-    score_clip: Optional[float] = _f(None, "Clip reward-model scores to [-score_clip, score_clip] (> 0; None: off).")
+    truncated_response: str = option("as_is", "Responses cut at max_new_tokens without EOS: 'as_is' (scored as they "
+                                              "are) or 'penalty' (score replaced by truncation_penalty).")
+    truncation_penalty: float = option(-1.0, "Score of a truncated response under truncated_response=penalty.")
+    score_clip: Optional[float] = option(None, "Clip reward-model scores to [-score_clip, score_clip] (> 0; None: "
+                                               "off).")
 
     # KL control
-    kl_in: str = _f("reward", "Where the KL to the reference goes: 'reward' (per-token penalty, InstructGPT) "
-                              "or 'loss' (a term of the policy loss).")
-    kl_estimator: str = _f("auto", "KL estimator, d = log pi - log ref: 'auto' (k1 in the reward, k3 in the loss); "
-                                   "in the reward k1 (d: optimises KL(pi||ref)); in the loss k2 (d^2/2: gradient "
-                                   "of KL(pi||ref)) or k3 (e^-d - 1 + d, low variance: gradient of KL(ref||pi)). "
-                                   "The other pairs do not regularise and are refused.")
-    kl_coef: float = _f(0.05, "KL coefficient >= 0 (initial value under the adaptive controller, then > 0).")
-    kl_target: Optional[float] = _f(None, "Target KL per sequence: set to use the adaptive controller of "
-                                          "Ziegler et al. (2019); a checkpoint keeps its coefficient, the target "
-                                          "and horizon are the config's.")
-    kl_horizon: int = _f(10000, "Horizon (in sequences) of the adaptive KL controller.")
+    kl_in: str = option("reward", "Where the KL to the reference goes: 'reward' (per-token penalty, InstructGPT) "
+                                  "or 'loss' (a term of the policy loss).")
+    kl_estimator: str = option("auto", "KL estimator, d = log pi - log ref: 'auto' (k1 in the reward, k3 in the loss); "
+                                       "in the reward k1 (d: optimises KL(pi||ref)); in the loss k2 (d^2/2: gradient "
+                                       "of KL(pi||ref)) or k3 (e^-d - 1 + d, low variance: gradient of KL(ref||pi)). "
+                                       "The other pairs do not regularise and are refused.")
+    kl_coef: float = option(0.05, "KL coefficient >= 0 (initial value under the adaptive controller, then > 0).")
+    kl_target: Optional[float] = option(None, "Target KL per sequence: set to use the adaptive controller of "
+                                              "Ziegler et al. (2019); a checkpoint keeps its coefficient, the target "
+                                              "and horizon are the config's.")
+    kl_horizon: int = option(10000, "Horizon (in sequences) of the adaptive KL controller.")
 
     # Advantages
-    advantage_estimator: str = _f("gae", "'gae' (critic), or group baselines without a critic "
-                                         "(samples_per_prompt > 1): 'group' (GRPO: score minus the group mean, "
-                                         "over the group std), 'rloo' (minus the mean of the other samples) or "
-                                         "'dr_grpo' (minus the group mean, no std division).")
-    gamma: float = _f(1.0, "Discount, in [0, 1].")
-    lam: float = _f(0.95, "GAE lambda, in [0, 1].")
-    whiten_advantages: bool = _f(True, "Whiten advantages over the batch's response tokens.")
+    advantage_estimator: str = option("gae", "'gae' (critic), or group baselines without a critic "
+                                             "(samples_per_prompt > 1): 'group' (GRPO: score minus the group mean, "
+                                             "over the group std), 'rloo' (minus the mean of the other samples) or "
+                                             "'dr_grpo' (minus the group mean, no std division).")
+    gamma: float = option(1.0, "Discount, in [0, 1].")
+    lam: float = option(0.95, "GAE lambda, in [0, 1].")
+    whiten_advantages: bool = option(True, "Whiten advantages over the batch's response tokens.")
 
     # Learn
-    ppo_epochs: int = _f(1, "Passes over each batch of experience.")
-    mini_batch_size: int = _f(8, "Sequences per optimizer step.")
-    micro_batch_size: Optional[int] = _f(None, "Sequences per forward/backward (None: the mini-batch); results "
-                                               "do not depend on it.")
-    clip_low: float = _f(0.2, "PPO ratio clip below (1 - clip_low), in (0, 1).")
-    clip_high: Optional[float] = _f(None, "PPO ratio clip above (1 + clip_high), > 0 (None: clip_low).")
-    dual_clip: Optional[float] = _f(None, "Dual-clip constant c > 1 (None: off).")
-    loss_agg: str = _f("token-mean", "How token losses become a batch loss.")
-    value_clip: float = _f(0.2, "Clip of the critic's value change (> 0).")
-    lr: float = _f(1e-6, "Policy learning rate (AdamW).")
-    critic_lr: float = _f(5e-6, "Critic learning rate (AdamW).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2.")
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: Optional[float] = _f(1.0, "Gradient clipping bound > 0 (None: off; non-finite gradients are "
-                                             "skipped either way).")
-    lr_schedule: str = _f("constant", "Learning-rate schedule after warm-up.")
-    lr_warmup_steps: int = _f(0, "Optimizer steps of linear warm-up.")
-    total_steps: int = _f(0, "Optimizer steps of the linear/cosine schedules (0: no decay).")
-    critic_init: str = _f("reward", "Critic built from the 'reward' model or the 'policy' (when not given).")
-    critic_warmup_iterations: int = _f(0, "First iterations that train the critic only (needs a critic: gae).")
-    ptx_coef: float = _f(0.0, "PPO-ptx: coefficient of the language-modelling loss on pretraining/SFT data.")
+    ppo_epochs: int = option(1, "Passes over each batch of experience.")
+    mini_batch_size: int = option(8, "Sequences per optimizer step.")
+    micro_batch_size: Optional[int] = option(None, "Sequences per forward/backward (None: the mini-batch); results "
+                                                   "do not depend on it.")
+    clip_low: float = option(0.2, "PPO ratio clip below (1 - clip_low), in (0, 1).")
+    clip_high: Optional[float] = option(None, "PPO ratio clip above (1 + clip_high), > 0 (None: clip_low).")
+    dual_clip: Optional[float] = option(None, "Dual-clip constant c > 1 (None: off).")
+    loss_agg: str = option("token-mean", "How token losses become a batch loss.")
+    value_clip: float = option(0.2, "Clip of the critic's value change (> 0).")
+    lr: float = option(1e-6, "Policy learning rate (AdamW).")
+    critic_lr: float = option(5e-6, "Critic learning rate (AdamW).")
+    weight_decay: float = option(0.0, "AdamW weight decay of the policy and the critic, applied to weight matrices "
+                                      "only (not norms or biases).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.95, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: Optional[float] = option(1.0, "Gradient clipping bound > 0 (None: off; non-finite gradients are "
+                                                 "skipped either way).")
+    lr_schedule: str = option("constant", "Learning-rate schedule after warm-up.")
+    lr_warmup_steps: int = option(0, "Optimizer steps of linear warm-up.")
+    total_steps: int = option(0, "Optimizer steps of the linear/cosine schedules (0: no decay).")
+    critic_init: str = option("reward", "Critic built from the 'reward' model or the 'policy' (when not given).")
+    critic_warmup_iterations: int = option(0, "First iterations that train the critic only (needs a critic: gae).")
+    ptx_coef: float = option(0.0, "PPO-ptx: coefficient of the language-modelling loss on pretraining/SFT data.")
 
     # Observability
-    profile_dir: Optional[str] = _f(None, "Write a torch.profiler trace of each step here.")
+    profile_dir: Optional[str] = option(None, "Write a torch.profiler trace of each step here.")
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():

@@ -4,15 +4,14 @@ not fault in fresh pages for every iteration's activations and gradients.
 PyTorch's CPU tensors come from malloc. glibc serves large blocks with mmap
 and returns freed memory at the top of its heaps to the OS, adapting both
 thresholds as it goes; the kernel then zeroes and maps every page again on
-its first write. On the PPO benchmark's small work (2-core AMD EPYC) an
-iteration took about 55,000 page faults that way (0.12-0.19 s of system
-time), because each PPO step frees and reallocates the models' gradients
+its first write. A PPO iteration takes tens of thousands of page faults
+that way, because each PPO step frees and reallocates the models' gradients
 and activations. :func:`retain_freed_memory` sets the two thresholds
 (``mallopt``): blocks up to ``max_heap_block`` come from the heap, and up to
-``keep`` bytes of freed heap memory stay mapped. The same work then took
-under 1,000 faults per iteration and ran 5-10 % faster in alternating runs,
-at the same peak resident memory (the memory is reused, not added); the
-resident size no longer shrinks after a peak. It is a process-wide setting,
+``keep`` bytes of freed heap memory stay mapped. The faults then mostly go
+away, at the same peak resident memory (the memory is reused, not added);
+the resident size no longer shrinks after a peak (one machine's numbers:
+``benchmarks/results/amd-epyc/notes.md``). It is a process-wide setting,
 made once by ``RLHFEngine`` on the CPU (``EngineConfig.retain_freed_memory``).
 """
 import ctypes

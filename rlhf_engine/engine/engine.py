@@ -7,28 +7,25 @@ device; each PPO iteration samples, scores and learns on them in turn.
     engine.save("run/checkpoints")              # atomic; engine.load(...) resumes
 
 :meth:`RLHFEngine.step` reads top to bottom: 1. rollout, 2. score,
-3. advantages, 4. learn, 5. KL control. The math lives in
-:mod:`rlhf_engine.engine.ppo`, the batches in :mod:`rlhf_engine.engine.batch`.
+3. advantages, 4. learn, 5. KL control; :meth:`RLHFEngine._learn` likewise
+for one PPO update. The math lives in :mod:`rlhf_engine.engine.ppo`, the
+batches in :mod:`rlhf_engine.engine.batch`, the checks and sharding done
+once at construction in :mod:`rlhf_engine.engine.setup`, checkpoints in
+:mod:`rlhf_engine.engine.state`.
 """
 import contextlib
 import copy
-import dataclasses
 import functools
-import importlib.util
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from rlhf_engine import distributed, ops
-from rlhf_engine.engine import ppo
-from rlhf_engine.engine.batch import Experience, map_tensors, pad_to, select
-from rlhf_engine.engine.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint)
+from rlhf_engine.engine import ppo, setup
+from rlhf_engine.engine import state as engine_state
+from rlhf_engine.engine.batch import Experience, Scored, extend, map_tensors, pad_to, select
 from rlhf_engine.engine.config import EngineConfig
 from rlhf_engine.engine.cpu_allocator import retain_freed_memory
 from rlhf_engine.engine.kl_control import KLController
@@ -38,116 +35,9 @@ from rlhf_engine.engine.offload import OffloadPolicy, Placement
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed, row_uniforms, sample
 from rlhf_engine.models import causal_lm_logprobs, encode_prompt, positions_from_mask
 from rlhf_engine.models.modes import training_without_dropout
+from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.models.scalar_heads import critic_from, sequence_scores, token_values
-
-CHECKPOINT_FORMAT = 2  # 2: trained state in torch.distributed.checkpoint format
-
-
-# Config attributes under which another attention implementation computes a
-# different function (the eager path applies them, SDPA does not).
-_ATTENTION_SEMANTICS = ("attn_logit_softcapping",)
-
-
-def select_attention(model, device):
-    """Switch ``model`` between the standard attention implementations to the
-    fastest one here (flash-attn's kernels when flash-attn is installed and
-    the model is on a GPU, else PyTorch SDPA) when that computes the same
-    function: the model is on ``eager`` or ``sdpa``, supports the target,
-    and sets nothing only the eager path honours (attention logit
-    soft-capping, e.g. Gemma 2). Otherwise the user's choice is kept.
-    Returns the implementation in use."""
-    config = model.config
-    current = getattr(config, "_attn_implementation", None)
-    wanted = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    supported = getattr(model, "_supports_flash_attn" if wanted == "flash_attention_2" else "_supports_sdpa", False)
-    configs = [config] + [getattr(config, name) for name in ("text_config", "decoder") if hasattr(config, name)]
-    semantic = any(getattr(c, attr, None) is not None for c in configs for attr in _ATTENTION_SEMANTICS)
-    if current in ("eager", "sdpa") and current != wanted and supported and not semantic:
-        model.set_attn_implementation(wanted)
-        return wanted
-    return current
-
-
-def lr_factor(step, *, warmup, total, schedule):
-    """Learning-rate multiplier at optimizer step ``step``: linear warm-up
-    over ``warmup`` steps, then constant, linear or cosine decay to 0 at
-    ``total`` (no decay when ``total`` is 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min((step - warmup) / (total - warmup), 1.0)
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_peak_lrs(scheduler, lrs):
-    """Make a ``LambdaLR`` restored from a checkpoint continue with the peak
-    learning rates ``lrs`` (one per parameter group) under its own lambdas
-    at its current step: the rates a run configured with ``lrs`` uses from
-    here (a resumed run's configured ``lr`` applies, not the checkpoint's).
-    With the checkpoint's own rates it changes nothing (the same products)."""
-    scheduler.base_lrs = [float(lr) for lr in lrs]
-    last = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-    for group, base, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, last):
-        group["initial_lr"], group["lr"] = base, lr
-    scheduler._last_lr = last  # what get_last_lr() reports (torch keeps it there)
-
-
-def left_pad(sequences, pad_id):
-    """``list[list[int]]`` -> ``(ids [B, P] int64, mask [B, P] bool)``, left-padded."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = True
-    return ids, mask
-
-
-def _frozen(model):
-    model.eval().requires_grad_(False)
-    return model
-
-
-def _fingerprint(model):
-    """A float64 checksum of a model's full parameters (frozen models' are
-    checked on load; all of them agree across ranks at start)."""
-    if model is None:
-        return None
-    with torch.no_grad():
-        return float(sum(distributed.local_value(p).double().abs().sum() for p in model.parameters()))
-
-
-def _vocabulary(model):
-    """Rows of ``model``'s input embedding table, None when it has none we can read."""
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return getattr(embeddings, "num_embeddings", None)
-
-
-def _check_vocabularies(tokenizer, models):
-    """Every model reads the policy's token ids: refuse one whose embedding
-    table has another size than the policy's (another tokenizer: its scores
-    would be of other tokens) or cannot hold the tokenizer's ids."""
-    sizes = {name: _vocabulary(m) for name, m in models.items() if m is not None}
-    sizes = {name: size for name, size in sizes.items() if size is not None}
-    policy = sizes.get("policy")
-    for name, size in sizes.items():
-        if policy is not None and size != policy:
-            raise ValueError(f"the {name}'s vocabulary has {size} entries, the policy's {policy}: it was built for "
-                             f"another tokenizer, and the engine feeds every model the policy's token ids. Use a "
-                             f"{name} trained with the policy's tokenizer (or resize_token_embeddings to match if "
-                             f"they share one)")
-    count = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    if count is not None and policy is not None and count > policy:
-        raise ValueError(f"the tokenizer has {count} tokens, the policy's embedding table {policy} rows")
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
+from rlhf_engine.optim import adamw, clipped_step, lr_factor, trainable_parameters
 
 
 class RLHFEngine:
@@ -189,35 +79,30 @@ class RLHFEngine:
         # Models: the policy and critic train; the reference and reward model are frozen.
         self.policy = policy
         self.lora_reference = ref_model is None and hasattr(policy, "disable_adapter")
-        self.ref = None if self.lora_reference else _frozen(ref_model or copy.deepcopy(policy))
-        self.reward = _frozen(reward_model)
+        self.ref = None if self.lora_reference else setup.frozen(ref_model or copy.deepcopy(policy))
+        self.reward = setup.frozen(reward_model)
         self.critic = None
         if cfg.uses_critic:
             self.critic = critic if critic is not None else critic_from(reward_model if cfg.critic_init == "reward"
                                                                         else policy)
-        _check_vocabularies(tokenizer, {"policy": policy, "reference": self.ref, "reward model": self.reward,
-                                        "critic": self.critic})
-        self.attn_implementation = select_attention(policy, self.device)
+        setup.check_vocabularies(tokenizer, {"policy": policy, "reference": self.ref, "reward model": self.reward,
+                                             "critic": self.critic})
+        self.attn_implementation = setup.select_attention(policy, self.device)
         for model in (self.ref, self.reward, self.critic):
             if model is not None and hasattr(model, "set_attn_implementation"):
-                select_attention(model, self.device)
+                setup.select_attention(model, self.device)
         if cfg.gradient_checkpointing:
-            for name, model in (("policy", self.policy), ("critic", self.critic)):
-                if model is not None and not getattr(model, "supports_gradient_checkpointing", False):
-                    raise ValueError(f"gradient_checkpointing=True, but the {name} ({type(model).__name__}) does "
-                                     f"not support HuggingFace gradient checkpointing; set it to False")
-                if model is not None:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            setup.enable_gradient_checkpointing({"policy": self.policy, "critic": self.critic})
 
         # Eval mode outside the learn passes (which train without dropout: models.modes), so that
         # every pass -- rollout, score, learn -- computes the same function of the weights.
         modules = {"policy": self.policy, "ref": self.ref, "reward": self.reward, "critic": self.critic}
         modules = {k: m.to(self.device).eval() for k, m in modules.items() if m is not None}
-        self._fingerprints = {"ref": _fingerprint(self.ref), "reward": _fingerprint(self.reward)}
+        self._fingerprints = {"ref": setup.fingerprint(self.ref), "reward": setup.fingerprint(self.reward)}
         if self.layout.distributed:
-            modules = self._shard(modules)
+            modules = setup.shard(modules, cfg, self.layout, self.device, self._fingerprints)
 
-        # Optimizers, schedules and controllers.
+        # Optimizers (one AdamW rule: rlhf_engine.optim), schedules and controllers.
         self.optimizers = {"policy": self._adamw(self.policy, cfg.lr)}
         if self.critic is not None:
             self.optimizers["critic"] = self._adamw(self.critic, cfg.critic_lr)
@@ -241,21 +126,6 @@ class RLHFEngine:
                                    modules=modules,
                                    optimizers={f"{k}_optim": o for k, o in self.optimizers.items()})
 
-    def _shard(self, modules):
-        """Check that every rank starts from the same config and weights, then
-        shard the trained models (and the frozen ones with ``shard_frozen``)."""
-        cfg = self.config
-        distributed.check_agreement("the engine config", cfg.to_dict())
-        trained = {k: _fingerprint(modules[k]) for k in ("policy", "critic") if k in modules}
-        distributed.check_agreement("the starting weights (parameter checksums)", {**self._fingerprints, **trained})
-        if cfg.offload:
-            raise NotImplementedError("offload=True with FSDP-sharded models (world size > 1) is not supported yet")
-        sharded = ("policy", "critic") + (("ref", "reward") if cfg.shard_frozen else ())
-        for name in sharded:
-            if name in modules:
-                modules[name] = distributed.shard(modules[name], self.layout, self.device)
-        return modules
-
     @classmethod
     def from_pretrained(cls, policy_path, reward_model_path, config=None, *, critic_path=None, tokenizer_path=None):
         """Build from HuggingFace model folders or hub names."""
@@ -277,13 +147,14 @@ class RLHFEngine:
 
     def _adamw(self, model, lr):
         cfg = self.config
-        kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                      weight_decay=cfg.weight_decay)
-        # The fused AdamW is one kernel per step instead of a dozen passes over every state tensor.
-        return torch.optim.AdamW(_trainable(model), fused=True, **kwargs)
+        return adamw(model, lr=lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_eps)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.dtype == "bfloat16")
+
+    def _trained(self, name):
+        return self.policy if name == "policy" else self.critic
 
     # One PPO iteration ---------------------------------------------------------------
 
@@ -308,7 +179,6 @@ class RLHFEngine:
         Returns:
             a flat dict of floats (and ``info/*`` strings): see README.
         """
-        cfg = self.config
         recorder = PhaseRecorder(self.device)
         profiler = self._profiler()
         start = time.perf_counter()
@@ -323,10 +193,11 @@ class RLHFEngine:
             #    every rank holds the global batch (the rest of the iteration is global).
             with recorder.phase("score"):
                 self.placement.enter("score")
-                exp = self._gather(self._score(rollout))
-                score_metrics = self._score_metrics(exp)
-                # 3. Advantages: KL-shaped rewards, GAE (or group baselines), whitening.
-                exp = self._advantages(exp)
+                scored = self._gather(self._score(rollout))
+                score_metrics = self._score_metrics(scored)
+            # 3. Advantages: KL-shaped rewards, GAE (or group baselines), whitening.
+            with recorder.phase("advantages"):
+                exp = self._advantages(scored)
             # 4. Learn: PPO epochs over shuffled mini-batches, each split over the ranks.
             with recorder.phase("learn"):
                 self.placement.enter("learn")
@@ -337,20 +208,18 @@ class RLHFEngine:
         self.kl.update(score_metrics["kl/k1"], exp.sequences.shape[0])
         self.iteration += 1
         generated = score_metrics["response/length_mean"] * exp.sequences.shape[0]
-        metrics = {"iteration": self.iteration, **score_metrics, **learn_metrics, **phases,
-                   "tokens_per_second": generated / phases["time/step"],
-                   "rollout_tokens_per_second": generated / phases["time/rollout"],
-                   "kl/coef": self.kl.coef, "lr": self.schedulers["policy"].get_last_lr()[0],
-                   "updates/skipped_total": self.skipped_updates,
-                   "info/attn_implementation": self.attn_implementation}
-        return metrics
+        return {"iteration": self.iteration, **score_metrics, **learn_metrics, **phases,
+                "tokens_per_second": generated / phases["time/step"],
+                "rollout_tokens_per_second": generated / phases["time/rollout"],
+                "kl/coef": self.kl.coef, "lr": self.schedulers["policy"].get_last_lr()[0],
+                "updates/skipped_total": self.skipped_updates,
+                "info/attn_implementation": self.attn_implementation}
 
     def updates_per_iteration(self, num_prompts):
         """Optimizer steps of one :meth:`step` on ``num_prompts`` prompts (the
         global count under torch.distributed): PPO epochs x mini-batches."""
         sequences = num_prompts * self.config.samples_per_prompt
         return self.config.ppo_epochs * math.ceil(sequences / self.config.mini_batch_size)
-
 
     def _check_ptx(self, ptx_batch, num_prompts):
         """``ptx_batch`` as three ``[M, L]`` tensors (validated), or None when PPO-ptx is off."""
@@ -436,6 +305,8 @@ class RLHFEngine:
                              f"lower max_new_tokens")
         return ids, mask
 
+    # 1. Rollout ---------------------------------------------------------------------------
+
     def _rollout(self, ids, mask):
         """Sample this rank's sequences from its prompts ``ids``/``mask``
         ``[B, P]``. Each sequence draws from its own random stream, keyed by
@@ -462,8 +333,12 @@ class RLHFEngine:
         exp = pad_to(exp, max(prompt_widths), max(response_widths), self.pad_id)
         return map_tensors(exp, distributed.all_gather_rows)
 
+    # 2. Score -------------------------------------------------------------------------
+
     @torch.no_grad()
     def _score(self, rollout):
+        """The policy's (old), the reference's log-probs, the critic's values and
+        the reward model's scores of this rank's ``rollout``: a :class:`Scored`."""
         cfg = self.config
         seq, attn, resp, pos = rollout.sequences, rollout.attention_mask, rollout.response_mask, rollout.position_ids
         with self._autocast():
@@ -482,28 +357,39 @@ class RLHFEngine:
             raw_scores = sequence_scores(self.reward, seq, attn, pos).float()
         scores = ppo.adjust_scores(raw_scores, rollout.finished, rule=cfg.truncated_response,
                                    penalty=cfg.truncation_penalty, clip=cfg.score_clip)
-        return Experience(**{f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)},
-                          old_logprobs=old, ref_logprobs=ref, values=values, raw_scores=raw_scores, scores=scores)
+        return extend(rollout, Scored, old_logprobs=old, ref_logprobs=ref, values=values, raw_scores=raw_scores,
+                      scores=scores)
 
-    def _score_metrics(self, exp):
-        """Scores, KL, lengths and the sampler-trainer gap of a scored batch (one host sync)."""
-        old, ref, resp = exp.old_logprobs, exp.ref_logprobs, exp.response_mask
+    def _score_metrics(self, scored):
+        """Scores, KL, lengths and, when the score phase ran the trainer's
+        forward (``old_logprobs="recompute"``), the sampler-trainer gap of the
+        global batch (one host sync). With ``old_logprobs="rollout"`` the
+        first mini-batch of the learn phase measures the gap (:meth:`_policy_pass`)."""
+        old, ref, resp = scored.old_logprobs, scored.ref_logprobs, scored.response_mask
         summary = {
-            "reward/score_mean": exp.raw_scores.mean(), "reward/score_std": exp.raw_scores.std(unbiased=False),
+            "reward/score_mean": scored.raw_scores.mean(),
+            "reward/score_std": scored.raw_scores.std(unbiased=False),
             "kl/k1": ppo.sequence_kl(old, ref, resp, "k1").mean(),
             "kl/k3": ppo.sequence_kl(old, ref, resp, "k3").mean(),
-            "response/length_mean": exp.response_lengths.float().mean(),
-            "response/finished_fraction": exp.finished.float().mean(),
+            "response/length_mean": scored.response_lengths.float().mean(),
+            "response/finished_fraction": scored.finished.float().mean(),
         }
         if self.config.top_k or self.config.top_p < 1:
-            summary["rollout/filter_kl"] = exp.filter_kl.sum() / resp.sum().clamp(min=1)
-        if self.config.old_logprobs == "recompute":
-            gap = (exp.sampler_logprobs - old).abs()
-            summary["rollout/logprob_gap_mean"] = gap.sum() / resp.sum().clamp(min=1)
-            summary["rollout/logprob_gap_max"] = gap.max()
+            summary["rollout/filter_kl"] = scored.filter_kl.sum() / resp.sum().clamp(min=1)
+        if self._gap_measured_in_score():
+            summary["rollout/logprob_gap_mean"], summary["rollout/logprob_gap_max"] = ppo.logprob_gap(
+                scored.sampler_logprobs, old, resp)
         names = list(summary)
         values_host = torch.stack([summary[n].float() for n in names]).tolist()
         return dict(zip(names, values_host))
+
+    def _gap_measured_in_score(self):
+        """Where ``rollout/logprob_gap_*`` is measured: the gap between the
+        sampler's log-probs and the trainer's before any update needs a
+        forward of the trainer; the score phase runs one over the whole batch
+        with ``old_logprobs="recompute"``, else the first mini-batch's policy
+        pass is the first (and only its rows are measured)."""
+        return self.config.old_logprobs == "recompute"
 
     @contextlib.contextmanager
     def _reference(self):
@@ -514,66 +400,75 @@ class RLHFEngine:
         else:
             yield self.ref
 
-    @torch.no_grad()
-    def _advantages(self, exp):
-        cfg = self.config
-        mask = exp.response_mask
-        exp.rewards = ppo.token_rewards(exp.scores, exp.old_logprobs, exp.ref_logprobs, mask, kl_coef=self.kl.coef,
-                                        estimator=cfg.kl_estimator_used, kl_in_reward=cfg.kl_in == "reward")
-        if cfg.advantage_estimator == "gae":
-            exp.advantages, exp.returns = ppo.gae_advantages(exp.rewards, exp.values, mask, gamma=cfg.gamma,
-                                                             lam=cfg.lam, whiten=cfg.whiten_advantages)
-        else:
-            exp.advantages, exp.returns = ppo.group_baseline_advantages(exp.rewards.sum(-1), mask,
-                                                                        cfg.samples_per_prompt, cfg.group_baseline)
-        return exp
+    # 3. Advantages ---------------------------------------------------------------------
 
-    # Learn ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _advantages(self, scored):
+        """Per-token rewards (KL-shaped with the KL in the reward), then GAE
+        or group baselines: the :class:`Experience` the learn phase trains on."""
+        cfg = self.config
+        mask = scored.response_mask
+        rewards = ppo.token_rewards(scored.scores, scored.old_logprobs, scored.ref_logprobs, mask,
+                                    kl_coef=self.kl.coef, estimator=cfg.kl_estimator_used,
+                                    kl_in_reward=cfg.kl_in == "reward")
+        if cfg.advantage_estimator == "gae":
+            advantages, returns = ppo.gae_advantages(rewards, scored.values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                                     whiten=cfg.whiten_advantages)
+        else:
+            advantages, returns = ppo.group_baseline_advantages(rewards.sum(-1), mask, cfg.samples_per_prompt,
+                                                                cfg.group_baseline)
+        return extend(scored, Experience, rewards=rewards, advantages=advantages, returns=returns)
+
+    # 4. Learn ---------------------------------------------------------------------------
 
     def _learn(self, exp, ptx_batch):
+        """PPO epochs over shuffled mini-batches of the global batch ``exp``:
+        each mini-batch is one optimizer step, its rows split over the ranks
+        and this rank's rows into micro-batches."""
         cfg = self.config
         train_policy = self.iteration >= cfg.critic_warmup_iterations
-        stats = WeightedMean()
-        batch = exp.sequences.shape[0]
-        world = self.layout.world_size
+        batch, world = exp.sequences.shape[0], self.layout.world_size
         if world > 1 and (batch % cfg.mini_batch_size or cfg.mini_batch_size % world):
             raise ValueError(f"over {world} ranks the global batch ({batch} sequences) must split into whole "
                              f"mini-batches of mini_batch_size={cfg.mini_batch_size}, each a multiple of {world}")
         micro = cfg.micro_batch_size or cfg.mini_batch_size // world
-        applied = skipped = 0
-        updates = cfg.ppo_epochs * math.ceil(batch / cfg.mini_batch_size)
+        steps = cfg.ppo_epochs * math.ceil(batch / cfg.mini_batch_size)
+        ptx = train_policy and ptx_batch is not None
+        stats = WeightedMean()
+        applied = 0
         # Train as the function that was scored: no dropout (models.modes).
         with training_without_dropout(self.policy), training_without_dropout(self.critic):
-            for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
-                for mini_index in order.split(cfg.mini_batch_size):
-                    mini = select(exp, mini_index)
-                    normalizer = ppo.loss_normalizer(mini.response_mask, cfg.loss_agg)
-                    total_loss = torch.zeros((), device=self.device)
-                    sums = {}  # this rank's share of each loss the optimizer step minimises
-                    # The first mini-batch is scored before any update: its log-probs are the
-                    # trainer's view of the sampler's (the gap when old_logprobs="rollout").
-                    record_gap = applied + skipped == 0 and cfg.old_logprobs == "rollout"
-                    mine = select(mini, torch.arange(len(mini_index), device=self.device)[
-                        distributed.rows_of_rank(len(mini_index), self.layout)])
-                    ptx = train_policy and ptx_batch is not None
-                    parts = torch.arange(len(mine.sequences), device=self.device).split(micro)
-                    for i, micro_index in enumerate(parts):
-                        # Sharded gradients are reduced over ranks on each model's last backward only.
-                        last = i == len(parts) - 1
-                        distributed.set_gradient_sync(self.policy, last and not ptx)
-                        distributed.set_gradient_sync(self.critic, last)
-                        total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, sums,
-                                                                   stats, train_policy, record_gap)
-                    if ptx:  # this optimizer step's own pretraining rows
-                        rows = torch.arange(applied + skipped, len(ptx_batch[0]), updates)
-                        total_loss = total_loss + self._ptx_step([t[rows] for t in ptx_batch], micro, stats)
-                    for name, share in sums.items():  # over the ranks: the step's loss, once per step
-                        stats.add(name, world * share, 1 / world)
-                    if self._optimizer_step(total_loss, train_policy):
-                        applied += 1
-                    else:
-                        skipped += 1
+            for step, mini_index in enumerate(self._mini_batches(batch)):
+                # a. This rank's rows of the mini-batch. The first mini-batch is scored before
+                #    any update: its log-probs are the trainer's view of the sampler's.
+                mini = select(exp, mini_index)
+                mine = select(mini, torch.arange(len(mini_index), device=self.device)[
+                    distributed.rows_of_rank(len(mini_index), self.layout)])
+                normalizer = ppo.loss_normalizer(mini.response_mask, cfg.loss_agg)
+                measure_gap = step == 0 and not self._gap_measured_in_score()
+                sums = {}  # this rank's share of each loss the optimizer step minimises
+                total_loss = torch.zeros((), device=self.device)
+                # b. Policy and critic losses, forward and backward, one micro-batch at a time.
+                parts = torch.arange(len(mine.sequences), device=self.device).split(micro)
+                for i, micro_index in enumerate(parts):
+                    # Sharded gradients are reduced over ranks on each model's last backward only.
+                    last = i == len(parts) - 1
+                    distributed.set_gradient_sync(self.policy, last and not ptx)
+                    distributed.set_gradient_sync(self.critic, last)
+                    total_loss = total_loss + self._micro_step(select(mine, micro_index), normalizer, sums, stats,
+                                                               train_policy, measure_gap)
+                # c. PPO-ptx: this optimizer step's own pretraining rows.
+                if ptx:
+                    rows = torch.arange(step, len(ptx_batch[0]), steps)
+                    ptx_loss, ptx_stats = self._ptx_step([t[rows] for t in ptx_batch], micro)
+                    total_loss = total_loss + ptx_loss
+                    _record(ptx_stats, sums, stats)
+                # d. The step's losses over the ranks (world x share, averaged over ranks: the sum).
+                for name, share in sums.items():
+                    stats.add(name, world * share, 1 / world)
+                # e. Clip and step, unless the loss or a gradient is not finite.
+                applied += self._optimizer_step(total_loss, train_policy)
+        skipped = steps - applied
         self.skipped_updates += skipped
         metrics = stats.result(reduce=distributed.all_reduce)
         metrics.update({"updates/applied": applied, "updates/skipped": skipped})
@@ -582,27 +477,30 @@ class RLHFEngine:
                                                                          exp.response_mask).item()
         return metrics
 
-    def _micro_step(self, part, normalizer, sums, stats, train_policy, record_gap):
+    def _mini_batches(self, batch):
+        """``[m]`` int64 row indices of each mini-batch of ``batch`` rows, epoch
+        after epoch, each epoch in a fresh order from the shuffling generator."""
+        for _ in range(self.config.ppo_epochs):
+            order = torch.randperm(batch, generator=self.shuffle_generator).to(self.device)
+            yield from order.split(self.config.mini_batch_size)
+
+    def _micro_step(self, part, normalizer, sums, stats, train_policy, measure_gap):
         """Forward and backward of one micro-batch through the policy and the
         critic (side by side with ``concurrent_models``); returns the
-        (detached) loss. Stats with weight None are parts of the mini-batch's
-        losses: summed into ``sums``; the others are token-weighted means."""
+        (detached) loss and records the passes' stats (:func:`_record`)."""
         results = self.lanes.run(
-            (lambda: self._policy_pass(part, normalizer, record_gap)) if train_policy else None,
+            (lambda: self._policy_pass(part, normalizer, measure_gap)) if train_policy else None,
             (lambda: self._critic_pass(part, normalizer)) if self.critic is not None else None)
         loss = torch.zeros((), device=self.device)
         for result in results:
             if result is not None:
                 loss = loss + result[0]
-                for name, value, weight in result[1]:
-                    if weight is None:
-                        sums[name] = sums[name] + value if name in sums else value
-                    else:
-                        stats.add(name, value, weight)
+                _record(result[1], sums, stats)
         return loss
 
-    def _policy_pass(self, part, normalizer, record_gap):
-        """The policy's loss on one micro-batch, backward done: ``(loss, [(stat, value, weight)])``."""
+    def _policy_pass(self, part, normalizer, measure_gap):
+        """The policy's loss on one micro-batch, backward done: ``(loss, [(stat, value, weight)])``.
+        ``measure_gap``: also the sampler-trainer log-prob gap of its tokens."""
         cfg = self.config
         mask = part.response_mask
         tokens = mask.sum()
@@ -624,9 +522,9 @@ class RLHFEngine:
         per_token = tokens.clamp(min=1)
         stats += [(f"policy/{name}", value, tokens) for name, value in pg_stats.items()]
         stats.append(("policy/entropy", torch.where(mask, entropy.detach(), 0.0).sum() / per_token, tokens))
-        if record_gap:
-            gap = torch.where(mask, (logp.detach() - part.sampler_logprobs).abs(), 0.0)
-            stats.append(("rollout/logprob_gap_mean", gap.sum() / per_token, tokens))
+        if measure_gap:
+            gap_mean, _ = ppo.logprob_gap(part.sampler_logprobs, logp.detach(), mask)
+            stats.append(("rollout/logprob_gap_mean", gap_mean, tokens))
         return policy_loss.detach(), stats
 
     def _critic_pass(self, part, normalizer):
@@ -643,11 +541,12 @@ class RLHFEngine:
         stats = [("value/loss", vf_loss.detach(), None), ("value/clipfrac", vf_stats["clipfrac"], tokens)]
         return vf_loss.detach(), stats
 
-    def _ptx_step(self, ptx_batch, micro, stats):
+    def _ptx_step(self, ptx_batch, micro):
         """PPO-ptx: ``ptx_coef`` times the LM loss of one optimizer step's
         pretraining rows, normalised by their token count (so the micro split
-        does not matter); positions count from each row's first real token,
-        and a token is trained only where a real token precedes it."""
+        does not matter), backward done: ``(loss, [(stat, value, weight)])``.
+        Positions count from each row's first real token, and a token is
+        trained only where a real token precedes it."""
         ids, attn, loss_mask = (t.to(self.device) for t in ptx_batch)
         positions = positions_from_mask(attn)
         loss_mask = loss_mask & attn & torch.nn.functional.pad(attn[:, :-1], (1, 0), value=False)
@@ -663,8 +562,7 @@ class RLHFEngine:
             loss.backward()
             total = total + loss.detach()
         # Each rank's total is its share of the global loss: world x share, averaged over ranks, is the sum.
-        stats.add("ptx/loss", self.layout.world_size * total / self.config.ptx_coef, 1)
-        return total
+        return total, [("ptx/loss", self.layout.world_size * total / self.config.ptx_coef, 1)]
 
     def _optimizer_step(self, total_loss, train_policy):
         """Clip and step the trained models' optimizers, unless the loss or a
@@ -672,7 +570,7 @@ class RLHFEngine:
         changes. Returns whether the update was applied (one host sync)."""
         cfg = self.config
         trained = [name for name in self.optimizers if name == "critic" or train_policy]
-        params = {n: [p for p in _trainable(self._trained(n)) if p.grad is not None] for n in trained}
+        params = {n: [p for p in trainable_parameters(self._trained(n)) if p.grad is not None] for n in trained}
 
         def grad_norm(name):
             return distributed.local_value(torch.nn.utils.get_total_norm([p.grad for p in params[name]]))
@@ -680,17 +578,7 @@ class RLHFEngine:
         def update(name, norm):
             optimizer = self.optimizers[name]
             if finite:
-                # Clipping (only when the norm exceeds the bound) divides the gradients by
-                # (norm + 1e-6) / max_grad_norm, as clip_grad_norm_ does, inside the fused
-                # AdamW's own pass (its grad_scale, torch.amp.GradScaler's protocol)
-                # instead of in a pass of its own over every gradient.
-                clip = cfg.max_grad_norm is not None and norm > cfg.max_grad_norm
-                if clip:
-                    optimizer.grad_scale = torch.tensor((norm + 1e-6) / cfg.max_grad_norm, device=self.device)
-                try:
-                    optimizer.step()
-                finally:
-                    vars(optimizer).pop("grad_scale", None)
+                clipped_step(optimizer, norm, cfg.max_grad_norm)
                 self.schedulers[name].step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -704,27 +592,13 @@ class RLHFEngine:
             self.optimizers["policy"].zero_grad(set_to_none=True)
         return finite
 
-    # Checkpoints ---------------------------------------------------------------------
+    # Checkpoints (rlhf_engine.engine.state) ------------------------------------------------
 
     def state(self, extra=None):
         """``(tensors, objects)``: everything :meth:`load` needs to continue
         exactly. ``tensors`` holds the trained models' and their optimizers'
         state dicts (this rank's shards under FSDP2), ``objects`` plain state."""
-        tensors = {}
-        for name, optimizer in self.optimizers.items():
-            model = self._trained(name)
-            tensors[name] = get_model_state_dict(model)
-            tensors[f"{name}_optim"] = get_optimizer_state_dict(model, optimizer)
-        objects = {
-            "format": CHECKPOINT_FORMAT, "iteration": self.iteration, "skipped_updates": self.skipped_updates,
-            "config": self.config.to_dict(), "kl": self.kl.state_dict(), "fingerprints": self._fingerprints,
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "rng": capture_rng([self.shuffle_generator]), "extra": extra,
-        }
-        return tensors, objects
-
-    def _trained(self, name):
-        return self.policy if name == "policy" else self.critic
+        return engine_state.collect(self, extra)
 
     def save(self, directory, extra=None, keep=2):
         """Write a checkpoint atomically under ``directory`` (a crash mid-write
@@ -732,45 +606,22 @@ class RLHFEngine:
         (e.g. its data position), returned by :meth:`load`. Returns the path.
         Under torch.distributed every rank calls it: each writes its shards
         (torch.distributed.checkpoint), into a folder all ranks share."""
-        tensors, objects = self.state(extra)
-        return save_checkpoint(directory, self.iteration, tensors, objects, keep=keep)  # names a failed rank
+        return engine_state.save(self, directory, extra, keep=keep)
 
     def load(self, directory):
         """Restore the latest complete checkpoint under ``directory`` (or the
         checkpoint folder itself) into this engine, built with the same
         models and config, at any world size; returns the ``extra`` it was
         saved with. Under torch.distributed every rank calls it."""
-        directory = Path(directory)
-        path = directory if (directory / "manifest.json").exists() else latest_checkpoint(directory)
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {directory}")
-        tensors, objects = load_checkpoint(path, self.state()[0])
-        if objects.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: checkpoint format {objects.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        for name, saved in objects["fingerprints"].items():
-            now = self._fingerprints[name]
-            if saved != now:
-                raise ValueError(f"{path}: the {name} model differs from the one the checkpoint was saved with "
-                                 f"(checksum {now!r} vs {saved!r}); build the engine with the same frozen models")
-        for name, optimizer in self.optimizers.items():
-            model = self._trained(name)
-            set_model_state_dict(model, tensors[name])
-            set_optimizer_state_dict(model, optimizer, tensors[f"{name}_optim"])
-            self.schedulers[name].load_state_dict(objects["schedulers"][name])
-        # The configured learning rates apply from the resumed step on, not the checkpoint's (the same
-        # schedule shape at the same step); a change is reported with the KL controller's.
-        changed = []
-        for name, lr in (("policy", self.config.lr), ("critic", self.config.critic_lr)):
-            if name in self.schedulers:
-                saved = self.schedulers[name].base_lrs[0]
-                if saved != lr:
-                    changed.append(f"{'lr' if name == 'policy' else 'critic_lr'} {saved!r} -> {lr!r}")
-                set_peak_lrs(self.schedulers[name], [lr] * len(self.optimizers[name].param_groups))
-        changed += self.kl.load_state_dict(objects["kl"])
-        if changed:
-            warnings.warn(f"{path}: the run continues with this config's settings, not the checkpoint's: "
-                          f"{'; '.join(changed)}", stacklevel=2)
-        restore_rng(objects["rng"], [self.shuffle_generator])
-        self.iteration = objects["iteration"]
-        self.skipped_updates = objects["skipped_updates"]
-        return objects["extra"]
+        return engine_state.load(self, directory)
+
+
+def _record(entries, sums, stats):
+    """Fold a pass's ``[(stat, value, weight)]`` into the step: weight None
+    marks a part of the mini-batch's loss (summed into ``sums``), the others
+    are weighted means (``stats``, a :class:`WeightedMean`)."""
+    for name, value, weight in entries:
+        if weight is None:
+            sums[name] = sums[name] + value if name in sums else value
+        else:
+            stats.add(name, value, weight)

@@ -5,36 +5,14 @@ On CUDA the peak is the caching allocator's high-water mark of the phase
 process's peak resident set size during the phase: Linux keeps it as
 ``VmHWM`` and lets a process reset it (writing ``5`` to
 ``/proc/self/clear_refs``); where that is not possible the process's
-lifetime peak (``getrusage``) is reported instead."""
+lifetime peak (``getrusage``) is reported instead
+(:func:`rlhf_engine.profiling.rss_peak_mib`)."""
 import contextlib
-import resource
-import sys
 import time
 
 import torch
 
-MIB = 2.0**20
-
-
-def _reset_rss_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def rss_peak_mib():
-    """The process's peak resident set size (MiB) since the last reset."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / MIB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / MIB if sys.platform == "darwin" else peak * 1024 / MIB
+from rlhf_engine.profiling import MIB, reset_rss_peak, rss_peak_mib
 
 
 class PhaseRecorder:
@@ -55,7 +33,7 @@ class PhaseRecorder:
         self._sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_rss_peak()
+        reset_rss_peak()
         start = time.perf_counter()
         yield
         self._sync()

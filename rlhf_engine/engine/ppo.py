@@ -23,9 +23,19 @@ def adjust_scores(scores, finished, *, rule, penalty, clip):
 def token_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, kl_in_reward):
     """``[B, T]`` per-token rewards: the score at each row's last response
     token, minus ``kl_coef`` times the per-token KL when the KL penalty lives
-    in the reward (InstructGPT)."""
-    return ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask,
-                                 kl_coef=kl_coef if kl_in_reward else 0.0, estimator=estimator)
+    in the reward (InstructGPT). With the KL in the loss the KL is not
+    computed here: the rewards are the scores alone."""
+    if kl_in_reward:
+        return ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator)
+    return score_rewards(scores, mask)
+
+
+def score_rewards(scores, mask):
+    """``[B, T]``: each row's score ``[B]`` at its last response token
+    (``mask`` ``[B, T]`` bool), 0 elsewhere and in rows without one."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, columns, -1).amax(1)
+    return torch.where(columns == last[:, None], scores.float()[:, None], 0.0)
 
 
 def gae_advantages(rewards, values, mask, *, gamma, lam, whiten):
@@ -66,6 +76,14 @@ def sequence_kl(logprobs, ref_logprobs, mask, estimator):
     """``[B]`` summed per-token KL estimate of each response."""
     kl = ops.kl_penalty(logprobs, ref_logprobs, estimator=estimator)
     return torch.where(mask, kl, 0.0).sum(-1)
+
+
+def logprob_gap(sampler_logprobs, trainer_logprobs, mask):
+    """``(mean, max)`` 0-d: ``|sampler - trainer|`` log-prob of the response
+    tokens ``mask`` ``[B, T]``, the mean over those tokens: how far the
+    sampler's view of the policy is from the trainer's (the same weights)."""
+    gap = torch.where(mask, (trainer_logprobs - sampler_logprobs).abs(), 0.0)
+    return gap.sum() / mask.sum().clamp(min=1), gap.max()
 
 
 def loss_normalizer(mask, agg):

@@ -1,10 +1,28 @@
 """Model-side helpers: HuggingFace causal LMs, their output heads, log-probs,
 reward models and critics (scalar heads), the byte-level tokenizer and the
-small Llama-style models built locally."""
-from rlhf_engine.models.logprobs import LinearHead, causal_lm_logprobs, linear_head, positions_from_mask
-from rlhf_engine.models.prompts import PLAIN_SEPARATOR, encode_prompt
-from rlhf_engine.models.scalar_heads import (critic_from, reward_model_from_causal_lm, score_offset,
-                                             sequence_scores, token_values)
+small Llama-style models built locally.
 
-__all__ = ["LinearHead", "PLAIN_SEPARATOR", "causal_lm_logprobs", "critic_from", "encode_prompt", "linear_head",
-           "positions_from_mask", "reward_model_from_causal_lm", "score_offset", "sequence_scores", "token_values"]
+The names below load on first use (PEP 562), so importing a torch-free
+submodule (``rlhf_engine.models.prompts``) does not import torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "LinearHead": "logprobs", "causal_lm_logprobs": "logprobs", "linear_head": "logprobs",
+    "positions_from_mask": "logprobs",
+    "PLAIN_SEPARATOR": "prompts", "encode_prompt": "prompts", "left_pad": "prompts",
+    "critic_from": "scalar_heads", "reward_model_from_causal_lm": "scalar_heads", "score_offset": "scalar_heads",
+    "sequence_scores": "scalar_heads", "token_values": "scalar_heads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

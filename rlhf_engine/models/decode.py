@@ -9,9 +9,9 @@ both for its decode loop.
 * :func:`decode_cache`: a ``DynamicCache`` whose full-attention layers keep
   keys and values in one buffer sized for the whole rollout and hand out
   views of its filled prefix. ``DynamicCache`` concatenates the whole cache
-  again at every step (a copy that grows with the sequence: 69 ms of a 0.36 s
-  small-size rollout, measured with torch.profiler on the 2-core AMD EPYC
-  machine). A ``StaticCache`` also avoids the copy but attends over its full
+  again at every step (a copy that grows with the sequence; one machine's
+  profile in ``benchmarks/results/amd-epyc/notes.md``). A ``StaticCache``
+  also avoids the copy but attends over its full
   length at every step.
 """
 import contextlib

@@ -92,37 +92,30 @@ def _u8(mask):
     return mask.view(torch.uint8)
 
 
-_GAE_ARGS = [_native.VOIDP, _native.VOIDP, _native.VOIDP, _native.I64, _native.I64, _native.F32, _native.F32,
-            _native.VOIDP, _native.VOIDP]
-_WHITEN_ARGS = [_native.VOIDP, _native.VOIDP, _native.I64, _native.I64, _native.INT, _native.F32, _native.VOIDP]
-_GROUP_ARGS = [_native.VOIDP, _native.I64, _native.I64, _native.INT, _native.F32, _native.VOIDP]
-
-
-def _call(library, name, argtypes, *args):
-    _native.check_status(_native.kernel(library, name, argtypes)(*args), name)
-
-
 @registry.register(OP_GAE, "cpu", requires=_native.CPU_KERNELS_ERROR)
-def _cpu_gae(rewards, values, mask, gamma, lam):
+@registry.register(OP_GAE, "cuda", requires=_native.CUDA_ERROR)
+def _native_gae(rewards, values, mask, gamma, lam):
     adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
-    _call(_native.CPU_KERNELS, "rlhf_gae_cpu", _GAE_ARGS, rewards.data_ptr(), values.data_ptr(),
-          _u8(mask).data_ptr(), rewards.shape[0], rewards.shape[1], gamma, lam, adv.data_ptr(), ret.data_ptr())
+    _native.call(rewards.device, "rlhf_gae", rewards, values, _u8(mask), *rewards.shape, gamma, lam, adv, ret)
     return adv, ret
 
 
 @registry.register(OP_WHITEN, "cpu", requires=_native.CPU_KERNELS_ERROR)
-def _cpu_masked_whiten(x, mask, shift_mean, eps):
+@registry.register(OP_WHITEN, "cuda", requires=_native.CUDA_ERROR)
+def _native_masked_whiten(x, mask, shift_mean, eps):
     out = torch.empty_like(x)
-    _call(_native.CPU_KERNELS, "rlhf_masked_whiten_cpu", _WHITEN_ARGS, x.data_ptr(), _u8(mask).data_ptr(),
-          x.shape[0], x.shape[1], int(shift_mean), eps, out.data_ptr())
+    # CUDA: a float64 workspace of RLHF_MASKED_WHITEN_WORKSPACE(n_rows) = 2 n_rows + 4 (advantages.h)
+    workspace = () if x.device.type == "cpu" else (x.new_empty(2 * x.shape[0] + 4, dtype=torch.float64),)
+    _native.call(x.device, "rlhf_masked_whiten", x, _u8(mask), *x.shape, shift_mean, eps, out, *workspace)
     return out
 
 
 @registry.register(OP_GROUP, "cpu", requires=_native.CPU_KERNELS_ERROR)
-def _cpu_group_advantages(scores, group_size, normalize_std, eps):
+@registry.register(OP_GROUP, "cuda", requires=_native.CUDA_ERROR)
+def _native_group_advantages(scores, group_size, normalize_std, eps):
     out = torch.empty_like(scores)
-    _call(_native.CPU_KERNELS, "rlhf_group_advantages_cpu", _GROUP_ARGS, scores.data_ptr(), scores.shape[0],
-          group_size, int(normalize_std), eps, out.data_ptr())
+    _native.call(scores.device, "rlhf_group_advantages", scores, scores.shape[0], group_size, normalize_std, eps,
+                 out)
     return out
 
 
@@ -145,38 +138,6 @@ def _triton_group_advantages(scores, group_size, normalize_std, eps):
     from rlhf_engine.kernels import advantages as kernels
 
     return kernels.group_advantages(scores, group_size, normalize_std, eps)
-
-
-def _whiten_workspace_doubles(n_rows):
-    """RLHF_MASKED_WHITEN_WORKSPACE(n_rows) of advantages.h."""
-    return 2 * n_rows + 4
-
-
-@registry.register(OP_GAE, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_gae(rewards, values, mask, gamma, lam):
-    adv, ret = torch.empty_like(rewards), torch.empty_like(rewards)
-    _call(_native.CUDA_KERNELS, "rlhf_gae_cuda", _GAE_ARGS + [_native.VOIDP], rewards.data_ptr(), values.data_ptr(),
-          _u8(mask).data_ptr(), rewards.shape[0], rewards.shape[1], gamma, lam, adv.data_ptr(), ret.data_ptr(),
-          _native.stream(rewards.device))
-    return adv, ret
-
-
-@registry.register(OP_WHITEN, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_masked_whiten(x, mask, shift_mean, eps):
-    out = torch.empty_like(x)
-    workspace = torch.empty(_whiten_workspace_doubles(x.shape[0]), dtype=torch.float64, device=x.device)
-    _call(_native.CUDA_KERNELS, "rlhf_masked_whiten_cuda", _WHITEN_ARGS + [_native.VOIDP, _native.VOIDP],
-          x.data_ptr(), _u8(mask).data_ptr(), x.shape[0], x.shape[1], int(shift_mean), eps, out.data_ptr(),
-          workspace.data_ptr(), _native.stream(x.device))
-    return out
-
-
-@registry.register(OP_GROUP, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_group_advantages(scores, group_size, normalize_std, eps):
-    out = torch.empty_like(scores)
-    _call(_native.CUDA_KERNELS, "rlhf_group_advantages_cuda", _GROUP_ARGS + [_native.VOIDP], scores.data_ptr(),
-          scores.shape[0], group_size, int(normalize_std), eps, out.data_ptr(), _native.stream(scores.device))
-    return out
 
 
 # 3. custom ops ----------------------------------------------------------------------

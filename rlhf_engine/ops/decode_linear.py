@@ -4,12 +4,11 @@ on the CPU, without autograd.
 A decode step multiplies one token per sequence by every weight of the model,
 so its linear layers are bound by reading the weights. MKL's sgemm (what
 ``F.linear`` runs on the CPU) packs each weight before using it, which at a
-few rows costs more than the product: on the 2-core AMD EPYC machine a
-Llama layer stack's weights (hidden 512, MLP 1536, 6 layers) were read at
-4-8 GB/s at 8 rows, against 23-28 GB/s for a plain sum over them. The C++
-kernel (csrc/cpu/decode_linear.cpp) reads each weight row once, in order;
-measured there (``benchmarks/ops/bench_decode_linear.py``), it wins up to
-about 16 rows at 2 threads and loses beyond, hence :data:`MAX_ROWS`.
+few rows costs more than the product (reading the weights at a fraction
+of the memory bandwidth). The C++ kernel (csrc/cpu/decode_linear.cpp) reads
+each weight row once, in order; it wins at a few rows and loses beyond,
+hence :data:`MAX_ROWS` (``benchmarks/ops/bench_decode_linear.py``; one
+machine's numbers in ``benchmarks/results/amd-epyc/notes.md``).
 
 :func:`linear` is the drop-in ``F.linear``: the kernel where it applies
 (:func:`applies`), ``F.linear`` otherwise. The results differ from

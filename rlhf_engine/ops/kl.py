@@ -120,44 +120,24 @@ def _u8(mask):
     return None if mask is None else mask.view(torch.uint8)
 
 
-_P, _I64, _INT, _F32 = _native.VOIDP, _native.I64, _native.INT, _native.F32
-_SIGNATURES = {  # C entry point (without the _cpu / _cuda suffix) -> argtypes
-    "rlhf_kl_penalty_forward": [_P, _P, _I64, _INT, _P],
-    "rlhf_kl_penalty_backward": [_P, _P, _P, _P, _F32, _I64, _INT, _P, _P],
-    "rlhf_kl_shaped_rewards": [_P, _P, _P, _P, _I64, _I64, _F32, _INT, _P, _P],
-}
-
-
-def _call(device, name, *args):
-    """Call the C entry point ``name`` of the cpu or cuda library (pointers as
-    tensors or None; the cuda one gets the current stream of ``device``)."""
-    library, suffix = (_native.CPU_KERNELS, "_cpu") if device.type == "cpu" else (_native.CUDA_KERNELS, "_cuda")
-    argtypes = _SIGNATURES[name] + ([_P] if suffix == "_cuda" else [])
-    args = [_native.ptr(a) if a is None or isinstance(a, torch.Tensor) else a for a in args]
-    if suffix == "_cuda":
-        args.append(_native.stream(device))
-    code = _native.kernel(library, name + suffix, argtypes)(*args)
-    _native.check_status(code, name + suffix)
-
-
 def _native_forward(lp, ref, estimator):
     out = torch.empty_like(lp)
-    _call(lp.device, "rlhf_kl_penalty_forward", lp, ref, lp.numel(), CODES[estimator], out)
+    _native.call(lp.device, "rlhf_kl_penalty_forward", lp, ref, lp.numel(), CODES[estimator], out)
     return out
 
 
 def _native_backward(grad, lp, ref, mask, scale, estimator):
     g_lp, g_ref = torch.empty_like(lp), torch.empty_like(lp)
-    _call(lp.device, "rlhf_kl_penalty_backward", grad, lp, ref, _u8(mask), scale, lp.numel(),
-          CODES[estimator], g_lp, g_ref)
+    _native.call(lp.device, "rlhf_kl_penalty_backward", grad, lp, ref, _u8(mask), scale, lp.numel(),
+                 CODES[estimator], g_lp, g_ref)
     return g_lp, g_ref
 
 
 def _native_shaped(scores, lp, ref, mask, kl_coef, estimator):
     rewards = torch.empty_like(lp)
     last = torch.empty(lp.shape[0], dtype=torch.int64, device=lp.device)
-    _call(lp.device, "rlhf_kl_shaped_rewards", scores, lp, ref, _u8(mask), lp.shape[0], lp.shape[1], kl_coef,
-          CODES[estimator], rewards, last)
+    _native.call(lp.device, "rlhf_kl_shaped_rewards", scores, lp, ref, _u8(mask), *lp.shape, kl_coef,
+                 CODES[estimator], rewards, last)
     return rewards, last
 
 

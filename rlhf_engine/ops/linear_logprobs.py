@@ -9,11 +9,11 @@ alive at once, in forward and in backward.
 Layout of this module, top to bottom:
 
 1. the per-chunk logits gradient of each backend (registry entries of this
-   op): ``chunk_grad(logits [n, V], g_logp [n], g_ent [n] or None,
-   labels [n], stats [n, 2], entropy [n] or None, T, ignore_index)
-   -> grad [n, V]``, which may overwrite ``logits`` (the cpu and cuda
-   kernels write the gradient in place into the recomputed chunk; triton
-   writes a second chunk buffer);
+   op): token_logprobs' ``backward_inplace(g_logp [n], g_ent [n] or None,
+   logits [n, V], labels [n], stats [n, 2], entropy [n] or None, T,
+   ignore_index) -> grad [n, V]``, which may overwrite ``logits`` (the cpu
+   and cuda kernels write the gradient in place into the recomputed chunk;
+   triton and torch write a second chunk buffer);
 2. the chunk loops (forward, backward), shared by all backends: matmuls
    through torch (BLAS / cuBLAS), the log-prob work through the backend's
    ``token_logprobs`` kernels (rlhf_engine/ops/logprobs.py). Fusing the
@@ -50,32 +50,13 @@ _ROW_MULTIPLE = 64  # chunk sizes above it are rounded down to a multiple of it
 
 
 # 1. per-chunk logits gradient ----------------------------------------------------
+# The chunk gradient of each backend is token_logprobs' backward_inplace
+# (rlhf_engine/ops/logprobs.py), which the registry holds under this op too, so
+# that resolving this op knows which backends run it.
 
-def _out_of_place(backend):
-    """The backend's token_logprobs backward as a chunk gradient (new buffer)."""
-    def chunk_grad(logits, g_logp, g_ent, labels, stats, entropy, temperature, ignore_index):
-        backward = registry.get(logprobs.OP_BACKWARD, backend)
-        return backward(g_logp, g_ent, logits, labels, stats, entropy, temperature, ignore_index)
-    return chunk_grad
-
-
-registry.register(OP, "torch")(_out_of_place("torch"))
-registry.register(OP, "triton")(_out_of_place("triton"))
-
-
-@registry.register(OP, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_chunk_grad(logits, g_logp, g_ent, labels, stats, entropy, temperature, ignore_index):
-    """The CUDA kernel, writing the gradient over ``logits`` (contiguous)."""
-    return logprobs._cuda_backward(g_logp, g_ent, logits, labels, stats, entropy, temperature, ignore_index,
-                                   out=logits)
-
-
-@registry.register(OP, "cpu", requires=_native.CPU_ERROR)
-def _cpu_chunk_grad(logits, g_logp, g_ent, labels, stats, entropy, temperature, ignore_index):
-    """The fused CPU kernel, writing the gradient over ``logits`` (contiguous)."""
-    torch.ops.rlhf_engine_cpu.token_logprobs_backward_(logits, g_logp, g_ent, labels, stats, entropy,
-                                                        temperature, ignore_index)
-    return logits
+for _backend, _requires in (("torch", None), ("triton", None), ("cpu", _native.CPU_ERROR),
+                            ("cuda", _native.CUDA_ERROR)):
+    registry.register(OP, _backend, requires=_requires)(registry.get(logprobs.OP_BACKWARD_INPLACE, _backend))
 
 
 # 2. chunk loops -------------------------------------------------------------------
@@ -136,7 +117,7 @@ def _backward_chunk(chunk_grad, g_logp, g_ent, hidden, weight, bias, labels, sta
     G.T @ hidden to ``grad_weight`` and G.sum(0) to ``grad_bias`` (float32
     accumulators). The chunk buffers die on return."""
     logits = _chunk_logits(hidden, weight, bias)
-    g = chunk_grad(logits, g_logp, g_ent, labels, stats, entropy, temperature, ignore_index)
+    g = chunk_grad(g_logp, g_ent, logits, labels, stats, entropy, temperature, ignore_index)
     torch.mm(g, weight, out=grad_hidden)
     _accumulate_weight_grad(grad_weight, g, hidden)
     if bias is not None:
@@ -189,7 +170,7 @@ def linear_token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, labels:
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         checks.finite(name, t)
     rows, flat_labels = _rows(hidden, labels)
-    logprobs._check_label_values(flat_labels, weight.shape[0], ignore_index)
+    logprobs.check_label_values(flat_labels, weight.shape[0], ignore_index)
     logp, entropy, stats = _forward(rows, weight, bias, flat_labels, temperature, ignore_index, return_entropy,
                                     _chunk_size(chunk_size, rows.shape[0], weight), backend)
     shape = labels.shape

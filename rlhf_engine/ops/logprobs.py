@@ -7,7 +7,9 @@ Layout of this module, top to bottom:
    ``forward(rows [N, V], labels [N], T, ignore_index, compute_entropy)
    -> (logp [N], entropy [N] or [0], stats [N, 2])`` and
    ``backward(g_logp [N], g_ent [N] or None, rows, labels, stats, entropy, T,
-   ignore_index) -> grad [N, V]`` (contiguous, dtype of the logits),
+   ignore_index) -> grad [N, V]`` (contiguous, dtype of the logits), and
+   ``backward_inplace`` of the same signature, which may write the gradient
+   over ``rows`` (what ``linear_token_logprobs`` uses on its dead chunks),
 3. the custom ops ``torch.ops.rlhf_engine.token_logprobs`` (the public op's
    arguments and defaults; validation and backend choice happen in it) and
    ``token_logprobs_backward``, with fake kernels and autograd,
@@ -25,6 +27,7 @@ from rlhf_engine.ops import checks, registry
 
 OP = "token_logprobs"
 OP_BACKWARD = "token_logprobs_backward"
+OP_BACKWARD_INPLACE = "token_logprobs_backward_inplace"
 _LABEL_DTYPES = (torch.int64, torch.int32)
 # Rows per slice of the torch reference, so it never upcasts more than about
 # 2^24 logits at once.
@@ -92,6 +95,7 @@ def _torch_forward(rows, labels, temperature, ignore_index, compute_entropy):
 
 
 @registry.register(OP_BACKWARD, "torch")
+@registry.register(OP_BACKWARD_INPLACE, "torch")
 def _torch_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     """Reference backward: grad [N, V] in the dtype of ``rows``."""
     vocab = rows.shape[1]
@@ -113,6 +117,13 @@ def _torch_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ig
 
 
 # 2. kernel adapters -------------------------------------------------------------
+# cpu: the ATen-based kernel of csrc/cpu/logprobs.cpp (torch-only), through its
+# torch.ops.rlhf_engine_cpu bindings; cuda: the plain entry points of
+# logprobs.h through _native.call; triton: kernels/logprobs.py.
+# OP_BACKWARD_INPLACE is the backward that may write the gradient over
+# ``rows`` (contiguous, and dead after the call: a recomputed chunk of logits)
+# where the kernel can (cpu, cuda), else into a new buffer; it returns the
+# gradient either way.
 
 @registry.register(OP, "cpu", requires=_native.CPU_ERROR)
 def _cpu_forward(rows, labels, temperature, ignore_index, compute_entropy):
@@ -125,6 +136,12 @@ def _cpu_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, igno
         g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
 
 
+@registry.register(OP_BACKWARD_INPLACE, "cpu", requires=_native.CPU_ERROR)
+def _cpu_backward_inplace(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    torch.ops.rlhf_engine_cpu.token_logprobs_backward_(rows, g_logp, g_ent, labels, stats, entropy, temperature,
+                                                        ignore_index)
+    return rows
+
 
 @registry.register(OP, "triton")
 def _triton_forward(rows, labels, temperature, ignore_index, compute_entropy):
@@ -134,18 +151,11 @@ def _triton_forward(rows, labels, temperature, ignore_index, compute_entropy):
 
 
 @registry.register(OP_BACKWARD, "triton")
+@registry.register(OP_BACKWARD_INPLACE, "triton")
 def _triton_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
     from rlhf_engine.kernels import logprobs as kernels
 
     return kernels.token_logprobs_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
-
-
-
-_CUDA_FORWARD = [_native.VOIDP, _native.INT, _native.I64, _native.I64, _native.I64, _native.VOIDP, _native.INT,
-                 _native.F32, _native.I64, _native.VOIDP, _native.VOIDP, _native.VOIDP, _native.VOIDP]
-_CUDA_BACKWARD = [_native.VOIDP, _native.VOIDP, _native.VOIDP, _native.INT, _native.I64, _native.I64, _native.I64,
-                  _native.VOIDP, _native.INT, _native.VOIDP, _native.VOIDP, _native.F32, _native.I64, _native.VOIDP,
-                  _native.VOIDP]
 
 
 @registry.register(OP, "cuda", requires=_native.CUDA_ERROR)
@@ -154,30 +164,30 @@ def _cuda_forward(rows, labels, temperature, ignore_index, compute_entropy):
     logp = torch.empty(n, dtype=torch.float32, device=rows.device)
     stats = torch.empty(n, 2, dtype=torch.float32, device=rows.device)
     entropy = torch.empty(n if compute_entropy else 0, dtype=torch.float32, device=rows.device)
-    name = "rlhf_token_logprobs_forward_cuda"
-    code = _native.kernel(_native.CUDA_KERNELS, name, _CUDA_FORWARD)(
-        rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab, rows.stride(0),
-        labels.data_ptr(), int(labels.dtype == torch.int64), temperature, ignore_index,
-        logp.data_ptr(), entropy.data_ptr() if compute_entropy else None, stats.data_ptr(), _native.stream(rows.device))
-    _native.check_status(code, name)
+    _native.call(rows.device, "rlhf_token_logprobs_forward", rows, _native.DTYPE_CODES[rows.dtype], n, vocab,
+                 rows.stride(0), labels, labels.dtype == torch.int64, temperature, ignore_index, logp,
+                 entropy if compute_entropy else None, stats)
     return logp, entropy, stats
 
 
-@registry.register(OP_BACKWARD, "cuda", requires=_native.CUDA_ERROR)
-def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index, out=None):
-    """``out``: an optional contiguous [N, V] buffer for the gradient; it may be
-    ``rows`` itself when contiguous (in place, see the C header)."""
+def _cuda_backward_into(grad, g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    """The CUDA backward written into ``grad`` (contiguous [N, V]; may be ``rows``)."""
     n, vocab = rows.shape
-    grad = torch.empty((n, vocab), dtype=rows.dtype, device=rows.device) if out is None else out
-    name = "rlhf_token_logprobs_backward_cuda"
-    code = _native.kernel(_native.CUDA_KERNELS, name, _CUDA_BACKWARD)(
-        g_logp.data_ptr(), _native.ptr(g_ent), rows.data_ptr(), _native.DTYPE_CODES[rows.dtype], n, vocab,
-        rows.stride(0), labels.data_ptr(), int(labels.dtype == torch.int64), stats.data_ptr(),
-        _native.ptr(entropy if g_ent is not None else None), temperature, ignore_index, grad.data_ptr(),
-        _native.stream(rows.device))
-    _native.check_status(code, name)
+    _native.call(rows.device, "rlhf_token_logprobs_backward", g_logp, g_ent, rows, _native.DTYPE_CODES[rows.dtype],
+                 n, vocab, rows.stride(0), labels, labels.dtype == torch.int64, stats,
+                 entropy if g_ent is not None else None, temperature, ignore_index, grad)
     return grad
 
+
+@registry.register(OP_BACKWARD, "cuda", requires=_native.CUDA_ERROR)
+def _cuda_backward(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    return _cuda_backward_into(grad, g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
+
+
+@registry.register(OP_BACKWARD_INPLACE, "cuda", requires=_native.CUDA_ERROR)
+def _cuda_backward_inplace(g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index):
+    return _cuda_backward_into(rows, g_logp, g_ent, rows, labels, stats, entropy, temperature, ignore_index)
 
 
 # 3. custom ops -------------------------------------------------------------------
@@ -191,7 +201,9 @@ def _as_rows(logits, labels):
     return rows, labels.reshape(-1).contiguous()
 
 
-def _check_label_values(labels, vocab, ignore_index):
+def check_label_values(labels, vocab, ignore_index):
+    """ValueError when a label is outside [0, vocab) and not ignore_index (CPU
+    tensors, or any under debug_checks(True); else nothing is checked)."""
     if not checks.value_checks_on(labels.device):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
@@ -235,7 +247,7 @@ def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, *, temperature
     temperature = check_inputs(logits, labels, temperature, ignore_index)
     backend = registry.resolve(OP, backend, logits.device, logits.dtype)
     rows, flat_labels = _as_rows(logits, labels)
-    _check_label_values(flat_labels, rows.shape[1], ignore_index)
+    check_label_values(flat_labels, rows.shape[1], ignore_index)
     forward = registry.get(OP, backend)
     logp, entropy, stats = forward(rows, flat_labels, temperature, ignore_index, return_entropy)
     out_dtype = _out_dtype(logits)

@@ -56,7 +56,6 @@ NaN: a NaN in a valid (mask 1) token of any input gives a NaN loss and NaN
 gradient there (``debug_checks(True)`` turns it into a ValueError); masked
 tokens are never used, NaN or not.
 """
-import functools
 import math
 import numbers
 from typing import Optional
@@ -183,75 +182,36 @@ def _torch_pairwise_backward(grad_loss, chosen, rejected, margin):
 
 # 2. kernel adapters ------------------------------------------------------------------
 # The C entry points (losses.h): rlhf_ppo_<kind>_loss_{forward,backward}_{cpu,cuda}
-# and rlhf_pairwise_reward_loss_{forward,backward}_{cpu,cuda}.
+# and rlhf_pairwise_reward_loss_{forward,backward}_{cpu,cuda}, called through
+# _native.call (which picks the library by the tensors' device).
 
-def _c_forward_types(kind, cuda):
-    floats = 3 if kind == "policy" else 1
-    return [_native.VOIDP] * 4 + [_native.I64] * 2 + [_native.F32] * floats + [_native.INT] + \
-        [_native.VOIDP] * (4 + cuda)
-
-
-def _c_backward_types(kind, cuda):
-    floats = 3 if kind == "policy" else 1
-    return [_native.VOIDP] * 5 + [_native.I64] * 2 + [_native.F32] * floats + [_native.INT] + \
-        [_native.VOIDP] * (3 + cuda)
-
-
-def _c_forward(library, suffix, kind, x, old, target, mask, normalizer, params, agg):
-    b, t = x.shape
-    loss = x.new_empty(())
-    stats = x.new_empty(N_STATS)
-    partials = x.new_empty(b, N_PARTIALS)
-    cuda = suffix == "cuda"
-    name = f"rlhf_ppo_{kind}_loss_forward_{suffix}"
-    extra = (_native.stream(x.device),) if cuda else ()
-    code = _native.kernel(library, name, _c_forward_types(kind, cuda))(
-        x.data_ptr(), old.data_ptr(), target.data_ptr(), mask.view(torch.uint8).data_ptr(), b, t, *params, agg,
-        _native.ptr(normalizer), partials.data_ptr(), loss.data_ptr(), stats.data_ptr(), *extra)
-    _native.check_status(code, name)
+def _c_forward(kind, x, old, target, mask, normalizer, params, agg):
+    loss, stats, partials = x.new_empty(()), x.new_empty(N_STATS), x.new_empty(x.shape[0], N_PARTIALS)
+    _native.call(x.device, f"rlhf_ppo_{kind}_loss_forward", x, old, target, mask.view(torch.uint8), *x.shape,
+                 *params, agg, normalizer, partials, loss, stats)
     return loss, stats, partials
 
 
-def _c_backward(library, suffix, kind, grad_loss, x, old, target, mask, params, agg, partials, stats):
-    b, t = x.shape
+def _c_backward(kind, grad_loss, x, old, target, mask, params, agg, partials, stats):
     grad = torch.empty_like(x)
-    cuda = suffix == "cuda"
-    name = f"rlhf_ppo_{kind}_loss_backward_{suffix}"
-    extra = (_native.stream(x.device),) if cuda else ()
-    code = _native.kernel(library, name, _c_backward_types(kind, cuda))(
-        grad_loss.data_ptr(), x.data_ptr(), old.data_ptr(), target.data_ptr(), mask.view(torch.uint8).data_ptr(),
-        b, t, *params, agg, partials.data_ptr(), stats.data_ptr(), grad.data_ptr(), *extra)
-    _native.check_status(code, name)
+    _native.call(x.device, f"rlhf_ppo_{kind}_loss_backward", grad_loss, x, old, target, mask.view(torch.uint8),
+                 *x.shape, *params, agg, partials, stats, grad)
     return grad
 
 
-def _c_pairwise_forward(library, suffix, chosen, rejected, margin):
+def _c_pairwise_forward(chosen, rejected, margin):
     n = chosen.numel()
-    loss = chosen.new_empty(())
-    accuracy = chosen.new_empty(())
+    loss, accuracy = chosen.new_empty(()), chosen.new_empty(())
     partials = chosen.new_empty(-(-n // PAIRWISE_TILE), 2)  # the tiles' workspace
-    cuda = suffix == "cuda"
-    name = f"rlhf_pairwise_reward_loss_forward_{suffix}"
-    extra = (_native.stream(chosen.device),) if cuda else ()
-    types = [_native.VOIDP] * 3 + [_native.I64] + [_native.VOIDP] * (3 + cuda)
-    code = _native.kernel(library, name, types)(
-        chosen.data_ptr(), rejected.data_ptr(), margin.data_ptr(), n, partials.data_ptr(), loss.data_ptr(),
-        accuracy.data_ptr(), *extra)
-    _native.check_status(code, name)
+    _native.call(chosen.device, "rlhf_pairwise_reward_loss_forward", chosen, rejected, margin, n, partials, loss,
+                 accuracy)
     return loss, accuracy
 
 
-def _c_pairwise_backward(library, suffix, grad_loss, chosen, rejected, margin):
-    grad_chosen = torch.empty_like(chosen)
-    grad_rejected = torch.empty_like(chosen)
-    cuda = suffix == "cuda"
-    name = f"rlhf_pairwise_reward_loss_backward_{suffix}"
-    extra = (_native.stream(chosen.device),) if cuda else ()
-    types = [_native.VOIDP] * 4 + [_native.I64] + [_native.VOIDP] * (2 + cuda)
-    code = _native.kernel(library, name, types)(
-        grad_loss.data_ptr(), chosen.data_ptr(), rejected.data_ptr(), margin.data_ptr(), chosen.numel(),
-        grad_chosen.data_ptr(), grad_rejected.data_ptr(), *extra)
-    _native.check_status(code, name)
+def _c_pairwise_backward(grad_loss, chosen, rejected, margin):
+    grad_chosen, grad_rejected = torch.empty_like(chosen), torch.empty_like(chosen)
+    _native.call(chosen.device, "rlhf_pairwise_reward_loss_backward", grad_loss, chosen, rejected, margin,
+                 chosen.numel(), grad_chosen, grad_rejected)
     return grad_chosen, grad_rejected
 
 
@@ -271,9 +231,7 @@ def _adapters(backend):
         impls = map(_triton_adapter, ("ppo_loss_forward", "ppo_loss_backward", "pairwise_loss_forward",
                                       "pairwise_loss_backward"))
     else:
-        library = _native.CPU_KERNELS if backend == "cpu" else _native.CUDA_KERNELS
-        impls = (functools.partial(fn, library, backend)
-                 for fn in (_c_forward, _c_backward, _c_pairwise_forward, _c_pairwise_backward))
+        impls = (_c_forward, _c_backward, _c_pairwise_forward, _c_pairwise_backward)
     forward, backward, pairwise_forward, pairwise_backward = impls
     adapters = {PAIRWISE_OP: pairwise_forward, _backward_op_name(PAIRWISE_OP): pairwise_backward}
     for op in KINDS.values():

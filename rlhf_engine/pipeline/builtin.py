@@ -41,6 +41,7 @@ from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE, byte_tokenizer
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching, report, task
 from rlhf_engine.pipeline.config import prefixed, unprefixed
 from rlhf_engine.pipeline.data import (PLAIN_SEPARATOR, Comparison, LengthPolicyError, encode_prompt, read_jsonl,
@@ -50,7 +51,6 @@ from rlhf_engine.pipeline.ppo_stage import PolicyProbe, PPOStageConfig, check_pt
 from rlhf_engine.pipeline.reward import RMConfig, train_reward_model
 from rlhf_engine.pipeline.run import Run, load_causal_lm, load_reward_model, process_seconds, train_stage
 from rlhf_engine.pipeline.sft import SFTConfig, train_sft
-from rlhf_engine.pipeline.training import option
 
 DATA_FILES = {"demonstrations": "demonstrations.jsonl", "rankings": "rankings.jsonl", "prompts": "prompts.jsonl",
               "heldout_prompts": "heldout_prompts.jsonl", "probe_prompts": "probe_prompts.jsonl",

@@ -22,9 +22,9 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from transformers import HfArgumentParser
 
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import task
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, DataError, read_jsonl
-from rlhf_engine.pipeline.training import option
 
 CONFIG_FILE = "config.json"
 # Flags about this invocation only: never written to config.json, never read from it.

@@ -26,8 +26,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 
 from rlhf_engine import distributed
-from rlhf_engine.engine.engine import left_pad
 from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.pipeline import task
 from rlhf_engine.pipeline.data import encode_pair, encode_prompt
 from rlhf_engine.pipeline.reward import score_rows

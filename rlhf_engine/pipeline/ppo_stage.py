@@ -47,6 +47,7 @@ from rlhf_engine import distributed
 from rlhf_engine.engine import RLHFEngine
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed
 from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import (Demonstration, LengthReport, encode_prompt, encode_record, fit_examples,
                                        read_jsonl)
@@ -55,7 +56,7 @@ from rlhf_engine.pipeline.evaluate import (Judge, decode_responses, judge_gold, 
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.run import (Interrupted, Run, UsageError, check_same_tokenizer, load_causal_lm,
                                       load_reward_model, load_tokenizer)
-from rlhf_engine.pipeline.training import SaveClock, check_minutes, global_sums, option
+from rlhf_engine.pipeline.training import SaveClock, check_minutes, global_sums
 
 
 @dataclasses.dataclass

@@ -30,12 +30,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from rlhf_engine import ops
-from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.models.scalar_heads import score_offset, sequence_scores
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking
-from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, option,
-                                          prepare_examples, split_and_prepare, total_steps, train_loop)
+from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, prepare_examples,
+                                          split_and_prepare, total_steps, train_loop)
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ Layout (``<stage>`` is ``sft``, ``rm``, ``ppo``, ...)::
     metrics.jsonl            one object per line: {"stage", "step", metric: value, ...}
     tb/<stage>/              TensorBoard events, tags "<stage>/<metric>"
     <stage>/model/           the stage's HF model folder (safetensors) and tokenizer
-    <stage>/checkpoints/     resumable checkpoints (rlhf_engine.engine.checkpoint layout)
+    <stage>/checkpoints/     resumable checkpoints (rlhf_engine.checkpoint layout)
     <stage>/result.json      the stage's final metrics; written last, it marks the stage done
     .lock                    held (flock) by the process using the folder; holds its PID
 
@@ -65,7 +65,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_engine import distributed
-from rlhf_engine.engine.checkpoint import LATEST, latest_checkpoint
+from rlhf_engine.checkpoint import LATEST, latest_checkpoint
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
@@ -502,7 +502,7 @@ def checkpoint_step(path: Path) -> int:
 
 def find_checkpoint(root) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
     """``(checkpoint, skipped)``: the checkpoint folder under ``root`` a
-    resume continues from (:func:`~rlhf_engine.engine.checkpoint.latest_checkpoint`,
+    resume continues from (:func:`~rlhf_engine.checkpoint.latest_checkpoint`,
     checksums verified; None when there is none), and the unusable entries
     passed over before it, each with what is wrong (the file named)."""
     skipped = []

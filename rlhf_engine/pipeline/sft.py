@@ -14,10 +14,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import Demonstration
-from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, option,
-                                          split_and_prepare, train_loop)
+from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, split_and_prepare,
+                                          train_loop)
 
 
 @dataclasses.dataclass

@@ -23,22 +23,17 @@ import functools
 import itertools
 import math
 import time
-from dataclasses import field
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 
 from rlhf_engine import distributed
-from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_engine.engine.engine import lr_factor, set_peak_lrs
+from rlhf_engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine.optim import adamw, lr_factor, set_peak_lrs, trainable_parameters
+from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, encode_record, fit_examples
-
-
-def option(default, help):
-    """A dataclass field with its flag's help text (HfArgumentParser)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -140,17 +135,6 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _optimizer(model, config: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    # Decaying norm gains and biases pulls them towards 0, not towards a prior.
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, fused=True), params
-
-
 def total_steps(num_examples: int, config: TrainConfig) -> int:
     """Optimizer steps of a run on ``num_examples`` training examples."""
     return config.max_steps or config.epochs * batching.steps_per_epoch(num_examples, config.batch_size)
@@ -235,7 +219,7 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     rank stops every rank at the same step); then the loop returns at once
     (no final evaluation) with ``stopped`` True.
 
-    ``checkpoints``: a folder (:mod:`rlhf_engine.engine.checkpoint`) that
+    ``checkpoints``: a folder (:mod:`rlhf_engine.checkpoint`) that
     gets the model's and optimizer's states (``tensors``, sharded) and the
     loop's counters and scheduler (``objects["loop"]``) every
     ``config.save_every`` steps and at the first step boundary
@@ -259,7 +243,8 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     if where.distributed:
         distributed.shard(model, where, model_device(model))
     device = model_device(model)
-    optimizer, params = _optimizer(model, config)
+    optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
+    params = trainable_parameters(model)
     steps = total_steps(num_examples, config)
     factor = functools.partial(lr_factor, warmup=round(config.warmup_ratio * steps), total=steps, schedule="linear")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf_engine import distributed
-from rlhf_engine.engine import checkpoint
+from rlhf_engine import checkpoint
 
 BATCH = 4  # rows of the global batch, split over the ranks
 

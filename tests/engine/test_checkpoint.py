@@ -22,18 +22,12 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from rlhf_engine.engine import checkpoint
-from rlhf_engine.engine.checkpoint import (CheckpointError, CheckpointSaveError, capture_rng, latest_checkpoint,
+from rlhf_engine import checkpoint
+from rlhf_engine.checkpoint import (CheckpointError, CheckpointSaveError, capture_rng, latest_checkpoint,
                                            list_checkpoints, load_checkpoint, restore_rng, save_checkpoint)
+from tests.helpers import same_bits
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def same_bits(a, b):
-    """Same dtype, shape and bytes (NaN payloads and -0.0 included)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8),
-                            b.detach().cpu().reshape(-1).view(torch.uint8)))
 
 
 def special_values(dtype):
@@ -457,7 +451,7 @@ def test_torch_writer_failing_for_real(tmp_path):
     save_checkpoint(tmp_path, 1, {"m": {"w": torch.ones(2)}}, {"v": 1})
     child = textwrap.dedent("""
         import resource, signal, sys, torch
-        from rlhf_engine.engine.checkpoint import CheckpointSaveError, save_checkpoint
+        from rlhf_engine.checkpoint import CheckpointSaveError, save_checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
         try:
@@ -478,7 +472,7 @@ def test_torch_writer_failing_for_real(tmp_path):
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from rlhf_engine.engine import checkpoint
+    from rlhf_engine import checkpoint
 
     root, point = sys.argv[1], sys.argv[2]
 

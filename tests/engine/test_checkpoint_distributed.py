@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from rlhf_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
+from rlhf_engine.checkpoint import latest_checkpoint, load_checkpoint
 from tests.engine.checkpoint_ranks import adamw, build
-from tests.engine.test_checkpoint import same_bits
+from tests.helpers import same_bits
 from tests.ranks import run_ranks
 
 WORKER = Path(__file__).with_name("checkpoint_ranks.py")

@@ -47,7 +47,7 @@ def test_retained_memory_is_reused_without_page_faults():
 
 def test_the_engine_applies_it_on_the_cpu_only_when_asked(monkeypatch):
     from rlhf_engine.engine import engine as engine_module
-    from tests.engine.test_engine import make_engine
+    from tests.helpers import make_engine
     calls = []
     monkeypatch.setattr(engine_module, "retain_freed_memory", lambda: calls.append(True) or True)
     make_engine()

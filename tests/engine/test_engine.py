@@ -8,51 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhf_engine.engine import EngineConfig, RLHFEngine
-
-VOCAB, TARGET, PAD, EOS = 24, 7, 0, 1
-
-
-class Tokenizer:
-    """The two ids the engine needs from a tokenizer (prompts are given as ids)."""
-
-    pad_token_id, eos_token_id = PAD, EOS
-
-
-class TargetCount(nn.Module):
-    """A toy reward model: the fraction of real tokens equal to ``TARGET``
-    (prompts never contain it), optionally NaN."""
-
-    def __init__(self, nan=False):
-        super().__init__()
-        self.nan = nan
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, input_ids, attention_mask):
-        hits = ((input_ids == TARGET) & attention_mask.bool()).float().sum(-1) / 8.0
-        return hits * float("nan") if self.nan else hits
-
-
-def tiny_policy(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS,
-                         bos_token_id=2)
-    return LlamaForCausalLM(config)
-
-
-def prompts(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(8, VOCAB, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def make_engine(reward=None, **overrides):
-    settings = dict(max_new_tokens=8, stop_at_eos=False, mini_batch_size=4, ppo_epochs=2, lr=3e-3,
-                    critic_lr=3e-3, critic_init="policy", kl_coef=0.05, seed=0)
-    settings.update(overrides)
-    if settings.get("advantage_estimator", "gae") != "gae":
-        del settings["critic_init"]  # no critic to build
-    return RLHFEngine(tiny_policy(), Tokenizer(), EngineConfig(**settings), reward_model=reward or TargetCount())
+from tests.helpers import EOS, PAD, VOCAB, TargetCount, Tokenizer, make_engine, prompts, tiny_policy
 
 
 def params(model):
@@ -154,7 +110,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     saved = params(engine.policy)
     engine.step(prompts(seed=1))
 
-    from rlhf_engine.engine import checkpoint
+    from rlhf_engine import checkpoint
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -382,9 +338,9 @@ def test_ptx_gives_each_optimizer_step_fresh_rows():
     seen = []
     original = engine._ptx_step
 
-    def spy(batch, micro, stats):
+    def spy(batch, micro):
         seen.append(batch[0][:, 0].tolist())
-        return original(batch, micro, stats)
+        return original(batch, micro)
 
     engine._ptx_step = spy
     metrics = engine.step(prompts(), ptx_batch=(ids, attn, attn))
@@ -401,8 +357,6 @@ def test_ptx_gives_each_optimizer_step_fresh_rows():
 def test_ptx_rows_are_scored_at_their_own_positions():
     """A left-padded PPO-ptx row gets positions counted from its first real token (GPT-2 has absolute
     positions): its LM loss equals the unpadded row's."""
-    from rlhf_engine.engine.metrics import WeightedMean
-
     policy, reward = gpt2_pair()
     engine = RLHFEngine(policy, Tokenizer(), EngineConfig(max_new_tokens=4, mini_batch_size=4, ptx_coef=1.0,
                                                           lr=0.0, critic_lr=0.0), reward_model=reward)
@@ -411,7 +365,7 @@ def test_ptx_rows_are_scored_at_their_own_positions():
     losses = []
     for ids in (row, padded):
         mask = ids != PAD
-        losses.append(float(engine._ptx_step((ids, mask, mask), 4, WeightedMean())))
+        losses.append(float(engine._ptx_step((ids, mask, mask), 4)[0]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 

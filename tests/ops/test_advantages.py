@@ -7,6 +7,7 @@ import rlhf_engine
 from rlhf_engine.ops import advantages as adv_mod
 from rlhf_engine.ops import gae, group_advantages, masked_whiten
 from tests.helpers import assert_close, cpu_backends, gpu_backends, poisoned_outputs
+from tests.inputs import gae_inputs
 
 GAE_BACKENDS = cpu_backends("gae")
 WHITEN_BACKENDS = cpu_backends("masked_whiten")
@@ -17,15 +18,6 @@ TOL = 1e-6
 def gae_float64(rewards, values, mask, gamma, lam):
     """The float64 reference of the torch backend."""
     return gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam, backend="torch")
-
-
-def random_gae_case(gen, B, T, masked=0.3):
-    rewards = torch.randn(B, T, generator=gen)
-    values = torch.randn(B, T, generator=gen)
-    mask = torch.rand(B, T, generator=gen) > masked
-    if B > 1:
-        mask[1] = False  # a row with no valid position
-    return rewards, values, mask
 
 
 # gae: golden cases ------------------------------------------------------------------
@@ -62,7 +54,7 @@ def test_gae_masked_span_equals_the_compressed_row(backend, gen):
     """Any masked positions, anywhere: the valid positions get what GAE gives
     the row with the masked positions removed."""
     T = 41
-    rewards, values, _ = random_gae_case(gen, 1, T)
+    rewards, values, _ = gae_inputs(gen, 1, T)
     mask = torch.rand(1, T, generator=gen) > 0.4
     mask[0, 5:12] = False  # a tool-output span
     adv, ret = gae(rewards, values, mask, gamma=0.97, lam=0.9, backend=backend)
@@ -80,7 +72,7 @@ def test_gae_masked_span_equals_the_compressed_row(backend, gen):
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 37), (4, 300), (2, 1030)], ids=str)
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.5, 0.0)], ids=str)
 def test_gae_matches_float64(backend, B, T, gamma, lam, gen):
-    rewards, values, mask = random_gae_case(gen, B, T)
+    rewards, values, mask = gae_inputs(gen, B, T)
     ref_adv, ref_ret = gae_float64(rewards, values, mask, gamma, lam)
     with poisoned_outputs():
         adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=backend)
@@ -99,7 +91,7 @@ def test_triton_gae_scan_across_chunks(block_t, gen):
         pytest.skip(reason)
     from rlhf_engine.kernels import advantages as kernels
 
-    rewards, values, mask = random_gae_case(gen, 3, 37)
+    rewards, values, mask = gae_inputs(gen, 3, 37)
     mask[0, 3:11] = False
     ref_adv, ref_ret = gae_float64(rewards, values, mask, 0.95, 0.9)
     with poisoned_outputs():
@@ -112,7 +104,7 @@ def test_triton_gae_scan_across_chunks(block_t, gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gae_half_inputs_and_mask_dtypes(backend, dtype, gen):
     """Half-precision inputs are converted to float32; masks may be 0/1 floats or ints."""
-    rewards, values, mask = random_gae_case(gen, 2, 9)
+    rewards, values, mask = gae_inputs(gen, 2, 9)
     rewards, values = rewards.to(dtype), values.to(dtype)
     ref_adv, ref_ret = gae_float64(rewards, values, mask, 0.9, 0.9)
     for m in (mask, mask.float(), mask.to(torch.int32)):
@@ -133,7 +125,7 @@ def test_gae_empty(backend, shape):
 def test_gae_nan(backend, gen):
     """NaN at a valid position: NaN there and at every earlier valid position
     of its row, nowhere else. NaN at masked positions: never read."""
-    rewards, values, _ = random_gae_case(gen, 2, 12)
+    rewards, values, _ = gae_inputs(gen, 2, 12)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[:, 7:9] = False
     rewards[0, 6] = float("nan")
@@ -154,7 +146,7 @@ def test_gae_nan(backend, gen):
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
 def test_gae_is_not_differentiable_and_does_not_mutate(backend, gen):
-    rewards, values, mask = random_gae_case(gen, 2, 6)
+    rewards, values, mask = gae_inputs(gen, 2, 6)
     values.requires_grad_()
     before = rewards.clone(), values.detach().clone()
     adv, ret = gae(rewards, values, mask, backend=backend)
@@ -316,7 +308,7 @@ def test_group_bad_input(group_size, match):
 # torch integration ------------------------------------------------------------------------
 
 def _op_cases(backend, gen):
-    rewards, values, mask = random_gae_case(gen, 3, 11)
+    rewards, values, mask = gae_inputs(gen, 3, 11)
     return [
         (adv_mod.gae_op, (rewards, values, mask), dict(gamma=0.9, lam=0.8, backend=backend)),
         (adv_mod.masked_whiten_op, (rewards, mask), dict(shift_mean=False, eps=1e-8, backend=backend)),
@@ -332,7 +324,7 @@ def test_opcheck(backend, gen):
 
 @pytest.mark.parametrize("backend", [p for p in GAE_BACKENDS if p.id != "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, gen):
-    rewards, values, mask = random_gae_case(gen, 4, 13)
+    rewards, values, mask = gae_inputs(gen, 4, 13)
     scores = torch.randn(8, generator=gen)
 
     def pipeline(r, v, s):
@@ -351,7 +343,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
 def test_gpu_matches_float64(backend):
     gen = torch.Generator().manual_seed(0)
     name = backend.removeprefix("gpu-")
-    rewards, values, mask = random_gae_case(gen, 64, 4099)
+    rewards, values, mask = gae_inputs(gen, 64, 4099)
     mask[2, 1000:3000] = False
     ref_adv, ref_ret = gae_float64(rewards, values, mask, 0.99, 0.95)
     with poisoned_outputs():

@@ -9,6 +9,7 @@ import rlhf_engine
 from rlhf_engine.ops import kl as kl_mod
 from rlhf_engine.ops import kl_penalty, kl_shaped_rewards
 from tests.helpers import assert_close, cpu_backends, gpu_backends, poisoned_outputs
+from tests.inputs import logprob_pair, response_mask
 
 BACKENDS = cpu_backends("kl_penalty")
 SHAPED_BACKENDS = cpu_backends("kl_shaped_rewards")
@@ -44,22 +45,6 @@ def reference_shaped(scores, lp, ref, mask, kl_coef, estimator):
     return torch.stack(rows) if rows else out
 
 
-def random_logprobs(gen, shape, spread=0.3):
-    """(logprobs, ref_logprobs) float32: log-probs near each other, as from a
-    policy a few steps away from its reference."""
-    lp = -torch.rand(shape, generator=gen) * 3
-    return lp, lp + torch.randn(shape, generator=gen) * spread
-
-
-def random_mask(gen, n_rows, n_cols):
-    """Responses of random length with a masked span (a tool output) inside."""
-    lengths = torch.randint(0, n_cols + 1, (n_rows,), generator=gen)
-    mask = torch.arange(n_cols) < lengths[:, None]
-    starts = torch.randint(0, max(n_cols, 1), (n_rows,), generator=gen)
-    span = (torch.arange(n_cols) >= starts[:, None]) & (torch.arange(n_cols) < starts[:, None] + 2)
-    return mask & ~span
-
-
 def grads_of(out, inputs, upstream):
     return torch.autograd.grad((out * upstream).sum(), inputs)
 
@@ -70,7 +55,7 @@ def grads_of(out, inputs, upstream):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("shape", [(3, 5), (17,), (2, 1, 9), (), (1, 1)], ids=str)
 def test_penalty_matches_float64(backend, estimator, shape, gen):
-    lp, ref = random_logprobs(gen, shape, spread=3.0 if estimator in ("k3", "low_var_kl") else 0.3)
+    lp, ref = logprob_pair(gen, shape, spread=3.0 if estimator in ("k3", "low_var_kl") else 0.3)
     upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
     x64, y64 = lp.double().requires_grad_(), ref.double().requires_grad_()
     want = reference_kl(x64, y64, estimator)
@@ -130,7 +115,7 @@ def test_golden_values_and_abs_gradient_at_zero(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alias,name", [("mse", "k2"), ("low_var_kl", "k3")])
 def test_aliases_are_the_same_estimator(backend, alias, name, gen):
-    lp, ref = random_logprobs(gen, (4, 33), spread=2.0)
+    lp, ref = logprob_pair(gen, (4, 33), spread=2.0)
     assert torch.equal(kl_penalty(lp, ref, estimator=alias, backend=backend),
                        kl_penalty(lp, ref, estimator=name, backend=backend))
 
@@ -138,7 +123,7 @@ def test_aliases_are_the_same_estimator(backend, alias, name, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_inputs_give_float32_and_gradients_of_their_dtype(backend, dtype, gen):
-    lp, ref = (t.to(dtype) for t in random_logprobs(gen, (3, 11)))
+    lp, ref = (t.to(dtype) for t in logprob_pair(gen, (3, 11)))
     x = lp.clone().requires_grad_()
     out = kl_penalty(x, ref, estimator="k2", backend=backend)
     assert out.dtype == torch.float32
@@ -226,8 +211,8 @@ def test_masked_spans_one_token_and_empty_rows(backend):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("n_rows,n_cols", [(5, 13), (1, 1), (3, 1), (2, 200)])
 def test_shaped_rewards_match_float64(backend, estimator, n_rows, n_cols, gen):
-    lp, ref = random_logprobs(gen, (n_rows, n_cols), spread=2.0)
-    mask = random_mask(gen, n_rows, n_cols)
+    lp, ref = logprob_pair(gen, (n_rows, n_cols), spread=2.0)
+    mask = response_mask(gen, n_rows, n_cols, span=2)
     mask[0] = False  # always one empty row
     scores = torch.randn(n_rows, generator=gen)
     upstream = torch.randn(n_rows, n_cols, generator=gen, dtype=torch.float64)
@@ -342,9 +327,9 @@ def test_backend_choice_and_unavailable_backends():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, gen):
-    lp, ref = (t.requires_grad_() for t in random_logprobs(gen, (3, 7), spread=2.0))
+    lp, ref = (t.requires_grad_() for t in logprob_pair(gen, (3, 7), spread=2.0))
     scores = torch.randn(3, generator=gen, requires_grad=True)
-    mask = random_mask(gen, 3, 7)
+    mask = response_mask(gen, 3, 7, span=2)
     torch.library.opcheck(kl_mod.kl_penalty_op, (lp, ref), dict(estimator="k3", backend=backend))
     torch.library.opcheck(kl_mod.kl_shaped_rewards_op, (scores, lp, ref, mask),
                           dict(kl_coef=0.1, estimator="k2", backend=backend))
@@ -355,9 +340,9 @@ def test_opcheck(backend, gen):
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, gen):
-    lp, ref = (t.requires_grad_() for t in random_logprobs(gen, (4, 9), spread=2.0))
+    lp, ref = (t.requires_grad_() for t in logprob_pair(gen, (4, 9), spread=2.0))
     scores = torch.randn(4, generator=gen, requires_grad=True)
-    mask = random_mask(gen, 4, 9)
+    mask = response_mask(gen, 4, 9, span=2)
 
     def loss(s, x, y):
         rewards = kl_shaped_rewards(s, x, y, mask, kl_coef=0.1, estimator="k3", backend=backend)
@@ -380,8 +365,8 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
 def test_gpu_matches_float64(backend, estimator):
     gen = torch.Generator().manual_seed(0)
-    lp, ref = random_logprobs(gen, (64, 3000), spread=3.0)
-    mask = random_mask(gen, 64, 3000)
+    lp, ref = logprob_pair(gen, (64, 3000), spread=3.0)
+    mask = response_mask(gen, 64, 3000, span=2)
     scores = torch.randn(64, generator=gen)
     name = backend.removeprefix("gpu-")
     inputs = [t.cuda().requires_grad_() for t in (scores, lp, ref)]
@@ -402,8 +387,8 @@ def test_gpu_matches_float64(backend, estimator):
 @pytest.mark.cuda
 def test_gpu_cuda_graph_capture():
     gen = torch.Generator().manual_seed(1)
-    lp, ref = (t.cuda() for t in random_logprobs(gen, (8, 500)))
-    mask = random_mask(gen, 8, 500).cuda()
+    lp, ref = (t.cuda() for t in logprob_pair(gen, (8, 500)))
+    mask = response_mask(gen, 8, 500, span=2).cuda()
     scores = torch.randn(8, generator=gen).cuda()
     kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.1, estimator="k3")  # warm-up (compilation)
     graph = torch.cuda.CUDAGraph()

@@ -9,6 +9,7 @@ from rlhf_engine import profiling
 from rlhf_engine.ops import linear_logprobs as lin_mod
 from rlhf_engine.ops import linear_token_logprobs, token_logprobs
 from tests.helpers import assert_close, cpu_backends, gpu_backends, poisoned_outputs, rel_error
+from tests.inputs import linear_head_inputs
 
 BACKENDS = cpu_backends("linear_token_logprobs")
 IGNORE = -100
@@ -25,15 +26,6 @@ def reference(hidden, weight, bias, labels, temperature=1.0):
     logp = log_p.gather(-1, torch.where(valid, labels, 0)[..., None])[..., 0] * valid
     entropy = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum(-1) * valid
     return leaves, logp, entropy
-
-
-def random_case(gen, lead, hidden_size, vocab, dtype=torch.float32, bias=True, ignored=1):
-    hidden = torch.randn(*lead, hidden_size, generator=gen).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=gen) * (2 / math.sqrt(hidden_size))).to(dtype)
-    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
-    labels = torch.randint(0, vocab, lead, generator=gen)
-    labels.view(-1)[:ignored] = IGNORE
-    return hidden, weight, b, labels
 
 
 def run(hidden, weight, bias, labels, backend, g_logp, g_ent, **kwargs):
@@ -72,19 +64,19 @@ def check(hidden, weight, bias, labels, backend, gen, temperature=1.0, **kwargs)
 ], ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_float64(backend, lead, hidden_size, vocab, chunk_size, temperature, gen):
-    case = random_case(gen, lead, hidden_size, vocab)
+    case = linear_head_inputs(gen, lead, hidden_size, vocab)
     check(*case, backend, gen, temperature=temperature, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_bias_and_all_ignored_chunk(backend, gen):
-    hidden, weight, _, labels = random_case(gen, (9,), 48, 123, bias=False, ignored=4)
+    hidden, weight, _, labels = linear_head_inputs(gen, (9,), 48, 123, bias=False, ignored=4)
     check(hidden, weight, None, labels, backend, gen, chunk_size=4)  # rows 0-3: a fully ignored chunk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ignored(backend, gen):
-    hidden, weight, bias, labels = random_case(gen, (3, 2), 16, 29, ignored=6)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (3, 2), 16, 29, ignored=6)
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
     with poisoned_outputs():
         logp, entropy = linear_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
@@ -97,7 +89,7 @@ def test_all_ignored(backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_token_logprobs_bitwise_on_one_chunk(backend, gen):
     """One chunk: the same logits reach the same kernel as token_logprobs."""
-    hidden, weight, bias, labels = random_case(gen, (6,), 40, 91)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (6,), 40, 91)
     ours = linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_size=6, backend=backend)
     theirs = token_logprobs(torch.addmm(bias, hidden, weight.t()), labels, backend=backend)
     assert torch.equal(ours, theirs)
@@ -108,7 +100,7 @@ def test_bf16_inputs_accumulate_weight_grad_in_float32(backend, gen):
     """bf16 hidden/weight/bias: gradients in bf16, the weight and bias ones
     summed over 64 one-row chunks in float32 and rounded once (a bf16 running
     sum would drift by about sqrt(64) roundings)."""
-    hidden, weight, bias, labels = random_case(gen, (64,), 32, 50, dtype=torch.bfloat16, ignored=0)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (64,), 32, 50, dtype=torch.bfloat16, ignored=0)
     leaves, logp_ref, _ = reference(hidden, weight, bias, labels)
     refs = torch.autograd.grad(logp_ref.sum(), leaves)
     x = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -131,7 +123,7 @@ def test_peak_memory_is_one_chunk_of_logits(backend, gen):
     backend writes their gradient in place), never N x V, beyond the inputs
     and the gradients."""
     n, hidden_size, vocab, chunk = 1024, 8, 4001, 16
-    hidden, weight, bias, labels = random_case(gen, (n,), hidden_size, vocab)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (n,), hidden_size, vocab)
     for t in (hidden, weight, bias):
         t.requires_grad_()
 
@@ -151,7 +143,7 @@ def test_peak_memory_is_one_chunk_of_logits(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_never_mutates_inputs_and_deterministic(backend, gen):
-    case = random_case(gen, (7,), 24, 61)
+    case = linear_head_inputs(gen, (7,), 24, 61)
     before = [t.clone() for t in case]
     runs = [run(*case, backend, torch.ones(7), torch.ones(7), chunk_size=3) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(case, before))
@@ -160,7 +152,7 @@ def test_never_mutates_inputs_and_deterministic(backend, gen):
 
 
 def test_nan_hidden_gives_nan_rows():
-    hidden, weight, bias, labels = random_case(torch.Generator().manual_seed(0), (4,), 8, 11, ignored=0)
+    hidden, weight, bias, labels = linear_head_inputs(torch.Generator().manual_seed(0), (4,), 8, 11, ignored=0)
     hidden[2, 3] = float("nan")
     logp = linear_token_logprobs(hidden, weight, labels, bias=bias, chunk_size=2)
     assert torch.isnan(logp[2]) and torch.isfinite(logp[[0, 1, 3]]).all()
@@ -210,7 +202,7 @@ def test_bad_inputs_raise(kwargs, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias,compute_entropy", [(True, True), (False, False)])
 def test_opcheck(backend, with_bias, compute_entropy, gen):
-    hidden, weight, bias, labels = random_case(gen, (5,), 12, 19, bias=with_bias)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (5,), 12, 19, bias=with_bias)
     for t in (hidden, weight, bias):
         if t is not None:
             t.requires_grad_()
@@ -221,7 +213,7 @@ def test_opcheck(backend, with_bias, compute_entropy, gen):
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, gen):
-    hidden, weight, bias, labels = random_case(gen, (2, 5), 24, 57)
+    hidden, weight, bias, labels = linear_head_inputs(gen, (2, 5), 24, 57)
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
 
     def loss(h, w, b):
@@ -244,5 +236,5 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
 
 @pytest.mark.parametrize("backend", gpu_backends("linear_token_logprobs"))
 def test_gpu_matches_float64(backend, gen):
-    hidden, weight, bias, labels = (t.cuda() for t in random_case(gen, (37,), 100, 1001))
+    hidden, weight, bias, labels = (t.cuda() for t in linear_head_inputs(gen, (37,), 100, 1001))
     check(hidden, weight, bias, labels, backend, gen, temperature=0.9, chunk_size=8)

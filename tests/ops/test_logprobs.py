@@ -12,6 +12,7 @@ from rlhf_engine.ops import logprobs as lp_mod
 from rlhf_engine.ops import token_logprobs
 from tests.helpers import (DTYPES, RESULT_TOL, ROUNDOFF, assert_close, assert_rounded_close, cpu_backends, gpu_backends,
                            poisoned_outputs)
+from tests.inputs import logits_and_labels
 
 BACKENDS = cpu_backends("token_logprobs")
 IGNORE = -100
@@ -29,14 +30,6 @@ def reference(logits, labels, temperature=1.0, ignore_index=IGNORE):
     logp = log_p.gather(-1, safe[..., None])[..., 0] * valid
     entropy = -torch.where(log_p > -math.inf, log_p.exp() * log_p, 0.0).sum(-1) * valid
     return x, logp, entropy
-
-
-def random_case(gen, lead, vocab, dtype, scale=3.0, offset=0.0, ignored_rows=1):
-    logits = (torch.randn(*lead, vocab, generator=gen) * scale + offset).to(dtype)
-    labels = torch.randint(0, vocab, lead, generator=gen)
-    flat = labels.view(-1)
-    flat[:ignored_rows] = IGNORE
-    return logits, labels
 
 
 def check_forward_backward(logits, labels, backend, temperature, tol, gen):
@@ -81,7 +74,7 @@ def check_forward_backward(logits, labels, backend, temperature, tol, gen):
 @pytest.mark.parametrize("lead,vocab", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_float64(backend, dtype, lead, vocab, temperature, gen):
-    logits, labels = random_case(gen, lead, vocab, dtype)
+    logits, labels = logits_and_labels(gen, lead, vocab, dtype)
     check_forward_backward(logits, labels, backend, temperature, RESULT_TOL[dtype], gen)
 
 
@@ -93,7 +86,7 @@ def test_large_common_offset(backend, dtype, gen):
     logits get the largest offset that leaves them distinct: bf16 at 1e4
     has a resolution of 64.)"""
     offset = {torch.float32: 1e4, torch.float16: 1e3, torch.bfloat16: 1e2}[dtype]
-    logits, labels = random_case(gen, (3,), 5003, dtype, scale=4.0, offset=offset)
+    logits, labels = logits_and_labels(gen, (3,), 5003, dtype, scale=4.0, offset=offset)
     check_forward_backward(logits, labels, backend, 1.0, RESULT_TOL[dtype], gen)
 
 
@@ -103,7 +96,7 @@ def test_confident_rows_label_gradient(backend, dtype, gen):
     """softmax(label) >= 0.999: 1 - p must be formed in float32 before
     rounding, or the label's gradient loses all its digits in bf16."""
     vocab, rows = 1000, torch.arange(4)
-    logits, labels = random_case(gen, (4,), vocab, dtype, scale=1.0, ignored_rows=0)
+    logits, labels = logits_and_labels(gen, (4,), vocab, dtype, scale=1.0, ignored=0)
     # Label logit such that p(label) is between 0.9995 and 0.9999 (>= 0.999
     # once the logit is rounded to bf16).
     others = torch.logsumexp(logits.double(), -1)
@@ -125,7 +118,7 @@ def test_confident_rows_label_gradient(backend, dtype, gen):
 def test_large_gradient_fully_written(backend, gen):
     """A gradient over 8 MiB (the CPU kernels back it with huge pages) is
     still poisoned before the call and fully written."""
-    logits, labels = random_case(gen, (16,), 151936, torch.float32, ignored_rows=3)
+    logits, labels = logits_and_labels(gen, (16,), 151936, torch.float32, ignored=3)
     x_ref, logp_ref, _ = reference(logits, labels)
     (ref,) = torch.autograd.grad(logp_ref.sum(), x_ref)
     x = logits.requires_grad_()
@@ -300,7 +293,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_matches_float64(backend, dtype):
     gen = torch.Generator().manual_seed(0)
-    logits, labels = random_case(gen, (64,), 151936, dtype)
+    logits, labels = logits_and_labels(gen, (64,), 151936, dtype)
     x_ref, logp_ref, ent_ref = reference(logits, labels, 0.9)
     x = logits.cuda().requires_grad_()
     with poisoned_outputs():

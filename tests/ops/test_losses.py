@@ -9,6 +9,8 @@ import rlhf_engine
 from rlhf_engine.ops import losses as losses_mod
 from rlhf_engine.ops import pairwise_reward_loss, ppo_policy_loss, ppo_value_loss
 from tests.helpers import assert_close, cpu_backends, gpu_backends, poisoned_outputs
+from tests.inputs import ppo_loss_inputs
+from tests.reference import policy_token_losses
 
 BACKENDS = cpu_backends("ppo_policy_loss")
 PAIRWISE_BACKENDS = cpu_backends("pairwise_reward_loss")
@@ -37,19 +39,8 @@ def masked_mean(x, mask):
 
 def policy_reference(logprobs, old, adv, mask, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean"):
     """float64 (x, loss, stats) with x the leaf logprobs."""
-    clip_high = clip_low if clip_high is None else clip_high
     x = logprobs.detach().double().requires_grad_()
-    old, adv = old.double(), adv.double()
-    neg_kl = torch.clamp(x - old, -20, 20)
-    ratio = torch.exp(neg_kl)
-    l1 = -adv * ratio
-    l2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(l1, l2)
-    lower = torch.zeros_like(mask)
-    if dual_clip is not None:
-        bound = -adv * dual_clip
-        lower = (adv < 0) & (loss > bound)
-        loss = torch.where(adv < 0, torch.minimum(loss, bound), loss)
+    loss, l1, l2, neg_kl, lower = policy_token_losses(x, old.double(), adv.double(), clip_low, clip_high, dual_clip)
     stats = {"clipfrac": masked_mean(l2 > l1, mask), "approx_kl": masked_mean(-neg_kl, mask),
              "clipfrac_lower": masked_mean(lower, mask)}
     scales = {"loss": aggregate(loss.detach().abs(), mask, agg), "approx_kl": masked_mean(neg_kl.detach().abs(), mask)}
@@ -65,25 +56,6 @@ def value_reference(values, old, returns, mask, clip=0.2, agg="token-mean"):
     s1, s2 = (x - returns) ** 2, (v_clip - returns) ** 2
     loss = 0.5 * aggregate(torch.maximum(s1, s2), mask, agg)
     return x, loss, {"clipfrac": masked_mean(s2 > s1, mask)}, {}
-
-
-def random_policy_case(gen, b, t, *, clamp_tokens=True):
-    """Inputs with a row of one valid token, a row of none (when B allows),
-    and a few tokens beyond the +-20 clamp."""
-    logprobs = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
-    old = logprobs + torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.3
-    adv = torch.randn(b, t, generator=gen, dtype=torch.float64)
-    mask = torch.rand(b, t, generator=gen) > 0.2
-    mask[0, 0] = True
-    if b >= 3:
-        mask[1] = False
-        mask[1, t // 2] = True
-        mask[2] = False
-    if clamp_tokens and t >= 4:
-        old[0, 1] = logprobs[0, 1] + 25
-        old[0, 2] = logprobs[0, 2] - 25
-        mask[0, 1:3] = True
-    return logprobs.float(), old.float(), adv.float(), mask
 
 
 def assert_scalar_close(out, ref, scale, tol, what):
@@ -212,7 +184,7 @@ def test_pairwise_golden(backend):
 @pytest.mark.parametrize("clips", [dict(), dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)],
                          ids=["symmetric", "asymmetric-dual"])
 def test_policy_matches_float64(backend, agg, b, t, clips, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, b, t)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, b, t)
     x_ref, *ref = policy_reference(logprobs, old, adv, mask, agg=agg, **clips)
     x = logprobs.clone().requires_grad_()
     with poisoned_outputs():
@@ -224,7 +196,7 @@ def test_policy_matches_float64(backend, agg, b, t, clips, gen):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("b,t", SHAPES)
 def test_value_matches_float64(backend, agg, b, t, gen):
-    values, old, returns, mask = random_policy_case(gen, b, t, clamp_tokens=False)
+    values, old, returns, mask = ppo_loss_inputs(gen, b, t, clamp_tokens=False)
     x_ref, *ref = value_reference(values, old, returns, mask, clip=0.1, agg=agg)
     x = values.clone().requires_grad_()
     with poisoned_outputs():
@@ -288,7 +260,7 @@ def test_pairwise_deterministic(backend, gen):
 def test_micro_batches_sum_to_the_batch(backend, agg, op, gen):
     """Three uneven micro-batches with the whole batch's normalizer: their
     losses sum to the batch's loss and their gradients are the batch's."""
-    logprobs, old, adv, mask = random_policy_case(gen, 9, 41)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 9, 41)
     fn = ppo_policy_loss if op == "policy" else ppo_value_loss
     x = logprobs.clone().requires_grad_()
     loss, _ = fn(x, old, adv, mask, agg=agg, backend=backend)
@@ -306,7 +278,7 @@ def test_micro_batches_sum_to_the_batch(backend, agg, op, gen):
 
 
 def test_float_normalizer_equals_tensor_normalizer(gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 3, 10)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 3, 10)
     a, _ = ppo_policy_loss(logprobs, old, adv, mask, normalizer=50)
     b, _ = ppo_policy_loss(logprobs, old, adv, mask, normalizer=torch.tensor(50))
     own, _ = ppo_policy_loss(logprobs, old, adv, mask)
@@ -318,7 +290,7 @@ def test_float_normalizer_equals_tensor_normalizer(gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", AGGS)
 def test_all_masked_batch_gives_zero_loss_and_grad(backend, agg, gen):
-    logprobs, old, adv, _ = random_policy_case(gen, 3, 17)
+    logprobs, old, adv, _ = ppo_loss_inputs(gen, 3, 17)
     mask = torch.zeros(3, 17, dtype=torch.bool)
     for fn, name in ((ppo_policy_loss, "policy"), (ppo_value_loss, "value")):
         x = logprobs.clone().requires_grad_()
@@ -370,7 +342,7 @@ def test_pairwise_nan_gives_nan_and_raises_under_debug_checks(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_valid_token_gives_nan_and_raises_under_debug_checks(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 3, 9)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 3, 9)
     adv[0, 0] = float("nan")  # valid
     x = logprobs.clone().requires_grad_()
     loss, _ = ppo_policy_loss(x, old, adv, mask, backend=backend)
@@ -391,7 +363,7 @@ def test_nan_in_valid_token_gives_nan_and_raises_under_debug_checks(backend, gen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_masked_token_is_ignored(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 3, 9)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 3, 9)
     mask[0, 3] = False
     adv[0, 3] = old[0, 3] = float("nan")
     x = logprobs.clone().requires_grad_()
@@ -405,7 +377,7 @@ def test_nan_in_masked_token_is_ignored(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_dtypes_and_half_inputs(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 4, 13)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 4, 13)
     ref, _ = ppo_policy_loss(logprobs, old, adv, mask, backend=backend)
     for m in (mask.float(), mask.to(torch.int64), mask.to(torch.uint8)):
         assert ppo_policy_loss(logprobs, old, adv, m, backend=backend)[0].item() == ref.item()
@@ -417,7 +389,7 @@ def test_mask_dtypes_and_half_inputs(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 6, 333)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 6, 333)
     runs = []
     for _ in range(2):
         x = logprobs.clone().requires_grad_()
@@ -429,7 +401,7 @@ def test_deterministic(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_never_mutates_inputs(backend, gen):
-    inputs = random_policy_case(gen, 3, 20)
+    inputs = ppo_loss_inputs(gen, 3, 20)
     before = [t.clone() for t in inputs]
     x = inputs[0].requires_grad_()
     loss, _ = ppo_policy_loss(x, *inputs[1:], backend=backend)
@@ -449,7 +421,7 @@ def test_only_the_gradient_is_allocated(backend, gen):
     [B, T] tensor, a forward + backward only the gradient."""
     from rlhf_engine import profiling
 
-    logprobs, old, adv, mask = random_policy_case(gen, 64, 1024)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 64, 1024)
     x = logprobs.requires_grad_()
     _, fwd = profiling.peak_memory(lambda: ppo_policy_loss(x.detach(), old, adv, mask, backend=backend))
     _, both = profiling.peak_memory(lambda: ppo_policy_loss(x, old, adv, mask, backend=backend)[0].backward())
@@ -532,7 +504,7 @@ def test_unavailable_backend_names_itself_and_auto_picks_cpu():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 3, 11)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 3, 11)
     x = logprobs.requires_grad_()
     norm = torch.tensor(20.0)
     torch.library.opcheck(losses_mod.ppo_policy_loss_op, (x, old, adv, mask),
@@ -547,7 +519,7 @@ def test_opcheck(backend, gen):
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, gen):
-    logprobs, old, adv, mask = random_policy_case(gen, 4, 23)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 4, 23)
     chosen, rejected = torch.randn(2, 6, generator=gen)
 
     def step(x):
@@ -574,7 +546,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, gen):
 def test_gpu_matches_float64(backend, agg):
     gen = torch.Generator().manual_seed(0)
     name = backend.removeprefix("gpu-")
-    logprobs, old, adv, mask = random_policy_case(gen, 64, 3001)
+    logprobs, old, adv, mask = ppo_loss_inputs(gen, 64, 3001)
     x_ref, loss_ref, stats_ref, scales = policy_reference(logprobs, old, adv, mask, dual_clip=3.0, agg=agg)
     x = logprobs.cuda().requires_grad_()
     with poisoned_outputs():
@@ -613,7 +585,7 @@ def test_gpu_pairwise_matches_float64_and_is_bit_identical(backend):
 def test_gpu_cuda_graph_capture_and_bit_identical(backend):
     gen = torch.Generator().manual_seed(1)
     name = backend.removeprefix("gpu-")
-    logprobs, old, adv, mask = (t.cuda() for t in random_policy_case(gen, 32, 999))
+    logprobs, old, adv, mask = (t.cuda() for t in ppo_loss_inputs(gen, 32, 999))
     x = logprobs.clone().requires_grad_()
     norm = mask.sum()
 

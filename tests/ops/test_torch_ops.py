@@ -15,6 +15,7 @@ import torch
 
 import rlhf_engine
 from rlhf_engine import ops
+from tests.inputs import logprob_pair
 
 B, T, V, H = 3, 7, 11, 8
 
@@ -26,10 +27,6 @@ def _mask(gen, dtype=torch.bool):
     mask[1] = False
     mask[1, 3] = True
     return mask.to(dtype)
-
-
-def _logprobs(gen):
-    return -torch.rand(B, T, generator=gen) * 3
 
 
 # name -> gen -> (required positional args, required keyword args, the Python
@@ -51,13 +48,12 @@ def _linear_token_logprobs(gen):
 
 
 def _kl_penalty(gen):
-    lp = _logprobs(gen)
-    return (lp, lp + 0.3 * torch.randn(B, T, generator=gen)), {}, lambda a, k: [ops.kl_penalty(*a, **k)], (0, 1)
+    return logprob_pair(gen, (B, T)), {}, lambda a, k: [ops.kl_penalty(*a, **k)], (0, 1)
 
 
 def _kl_shaped_rewards(gen):
-    lp = _logprobs(gen)
-    args = (torch.randn(B, generator=gen), lp, lp + 0.3 * torch.randn(B, T, generator=gen), _mask(gen, torch.float32))
+    lp, ref = logprob_pair(gen, (B, T))
+    args = (torch.randn(B, generator=gen), lp, ref, _mask(gen, torch.float32))
     return args, {"kl_coef": 0.1}, lambda a, k: [ops.kl_shaped_rewards(*a, **k)], (0, 1, 2)
 
 
@@ -81,8 +77,7 @@ def _policy_outputs(args, kwargs):
 
 
 def _ppo_policy_loss(gen):
-    lp = _logprobs(gen)
-    args = (lp, lp + 0.3 * torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen), _mask(gen))
+    args = (*logprob_pair(gen, (B, T)), torch.randn(B, T, generator=gen), _mask(gen))
     return args, {}, _policy_outputs, (0,)
 
 

@@ -3,44 +3,20 @@ data (exit 2, file/line/field, no traceback), Ctrl-C and --resume, and the
 stage model folders read back by transformers."""
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_engine import cli
-from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm, sequence_scores
-from rlhf_engine.models.tokenizer import byte_tokenizer
-from rlhf_engine.pipeline import task
+from rlhf_engine.models.scalar_heads import sequence_scores
 from rlhf_engine.pipeline.config import RunOptions, SFTData, parse_command
-from rlhf_engine.pipeline.data import write_jsonl
-from rlhf_engine.pipeline.run import Run
 from rlhf_engine.pipeline.sft import SFTConfig
+from tests.helpers import assert_same_weights, interrupt_at, weights, workspace  # noqa: F401  (a fixture)
 
 SFT_TYPES = (RunOptions, SFTData, SFTConfig)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Data files, a tiny SFT model folder and a reward model folder from it."""
-    root = tmp_path_factory.mktemp("cli")
-    write_jsonl(root / "demos.jsonl", task.make_demonstrations(24, seed=0))
-    write_jsonl(root / "rankings.jsonl", task.make_rankings(12, 3, seed=1))
-    write_jsonl(root / "prompts.jsonl", task.make_prompts(12, seed=2))
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    for name, model in (("lm", lm), ("rm", reward_model_from_causal_lm(lm))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
 
 
 def read_json(path):
@@ -174,28 +150,6 @@ def test_bad_data_through_python_m_has_no_traceback(tmp_path):
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{path}, line 1, field 'response': is empty" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def interrupt_at(monkeypatch, stage, step, signum=signal.SIGINT):
-    """Send SIGINT (as Ctrl-C does), or ``signum``, once ``stage`` has recorded ``step``."""
-    record = Run.record
-
-    def record_then_interrupt(self, stage_, step_, metrics):
-        record(self, stage_, step_, metrics)
-        if (stage_, step_) == (stage, step):
-            os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(Run, "record", record_then_interrupt)
-
-
-def weights(path, loader=AutoModelForCausalLM):
-    return loader.from_pretrained(path).state_dict()
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_sft_ctrl_c_saves_a_checkpoint_and_resume_finishes_like_an_uninterrupted_run(

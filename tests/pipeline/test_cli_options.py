@@ -21,7 +21,7 @@ from rlhf_engine.pipeline import builtin, ppo_stage, run as run_module, sft
 from rlhf_engine.pipeline.data import Demonstration, LengthPolicyError, encode_record, fit_examples, write_jsonl
 from rlhf_engine.pipeline.ppo_stage import PPOStageConfig, train_ppo
 from rlhf_engine.pipeline.run import LOG_FILE, Run
-from tests.pipeline.test_cli import workspace  # noqa: F401  (the fixture: data, a tiny SFT model, a reward model)
+from tests.helpers import workspace  # noqa: F401  (the fixture: data, a tiny SFT model, a reward model)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 MODEL_LOADERS = ("load_causal_lm", "load_reward_model", "build_policy")

@@ -4,10 +4,7 @@ trajectory, one run folder written by rank 0, a loadable model folder, and a
 2-rank checkpoint resumed on 1 rank. Plus the pure pieces: how a global
 mini-batch is split over the ranks."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,20 +14,11 @@ from rlhf_engine import cli
 from rlhf_engine.distributed import Layout
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, rank_rows
-from tests.pipeline.test_cli import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
-from tests.ranks import REPO, free_port, run_ranks
+from tests.helpers import torchrun, workspace  # noqa: F401  (the fixture: data files and tiny model folders)
+from tests.ranks import run_ranks
 
 SFT_ARGS = ["--max_steps", "4", "--batch_size", "4", "--eval_every", "2", "--save_every", "2", "--threads", "1"]
 RM_ARGS = ["--max_steps", "3", "--batch_size", "4", "--eval_every", "3", "--threads", "1"]
-
-
-def torchrun(args, timeout=400):
-    """``python -m torch.distributed.run --nproc_per_node=2 -m rlhf_engine.cli ARGS``: its exit status and output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), "-m", "rlhf_engine.cli", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def launch_ranks(rank_args, timeout=400):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.engine.rollout import sample
 from rlhf_engine.models.scalar_heads import sequence_scores
 from rlhf_engine.models.tokenizer import byte_tokenizer

@@ -13,7 +13,7 @@ from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline.run import UsageError, load_causal_lm, load_reward_model
 from rlhf_engine.pipeline.vocab import tokenizer_difference, tokenizer_key
-from tests.pipeline.test_cli import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
+from tests.helpers import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
 
 
 def tiny_lm(tok, **config):

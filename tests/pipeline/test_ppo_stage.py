@@ -20,8 +20,7 @@ from rlhf_engine.pipeline.ppo_stage import PolicyProbe, ptx_batches
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.sft import SFTConfig
 from rlhf_engine.pipeline.training import split_and_prepare
-from tests.pipeline.test_cli import interrupt_at, workspace  # noqa: F401  (the fixture: data and a tiny model)
-from tests.pipeline.test_distributed import torchrun
+from tests.helpers import interrupt_at, torchrun, workspace  # noqa: F401  (the fixture: data and a tiny model)
 
 PTX_COEF, LR = 0.5, 0.05
 
@@ -66,9 +65,9 @@ class PtxSpy:
         self.steps = []
         original = RLHFEngine._ptx_step
 
-        def spy(engine, ptx_batch, micro, stats):
+        def spy(engine, ptx_batch, micro):
             self.steps.append([self._row(*row) for row in zip(*ptx_batch)])
-            return original(engine, ptx_batch, micro, stats)
+            return original(engine, ptx_batch, micro)
 
         patch.setattr(RLHFEngine, "_ptx_step", spy)
 

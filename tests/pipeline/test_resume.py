@@ -6,7 +6,6 @@ logged, or are refused; time-based saves bound what a kill -9 loses."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from rlhf_engine import cli
 from rlhf_engine.pipeline.ppo_stage import PPOStageConfig
 from rlhf_engine.pipeline.sft import SFTConfig
 from rlhf_engine.pipeline.training import TrainConfig, train_loop
-from tests.pipeline.test_cli import assert_same_weights, interrupt_at, weights, workspace  # noqa: F401
-from tests.pipeline.test_run import linear_task, saved_steps
+from tests.helpers import (assert_same_weights, cut, full_sft, linear_task, rows, saved_steps,  # noqa: F401
+                           sft_args, steps, weights, workspace)
 from tests.ranks import REPO
-
-
-def sft_args(workspace):  # noqa: F811
-    return ["sft", "--model", str(workspace / "lm"), "--train_file", str(workspace / "demos.jsonl"),
-            "--max_steps", "6", "--batch_size", "4", "--eval_every", "2", "--save_every", "2"]
 
 
 def ppo_args(workspace):  # noqa: F811
@@ -36,36 +30,10 @@ def ppo_args(workspace):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def full_sft(workspace, tmp_path_factory):  # noqa: F811
-    """An uninterrupted SFT run folder, the reference of every resumed one."""
-    out = tmp_path_factory.mktemp("full") / "sft"
-    assert cli.main(sft_args(workspace) + ["--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def full_ppo(workspace, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("full") / "ppo"
     assert cli.main(ppo_args(workspace) + ["--out", str(out)]) == 0
     return out
-
-
-def cut(args, out, monkeypatch, stage, step, signum=signal.SIGINT):
-    """Run ``args`` in ``out``, stopped by ``signum`` once ``stage`` has recorded ``step``."""
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, stage, step, signum)
-        assert cli.main(args + ["--out", str(out)]) == 128 + signum
-
-
-def rows(out, stage=None):
-    """metrics.jsonl's rows (of ``stage``); only whole lines (another process may be writing it)."""
-    text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""
-    found = [json.loads(line) for line in text.split("\n")[:-1]]
-    return [row for row in found if stage is None or row["stage"] == stage]
-
-
-def steps(out, stage=None):
-    return [row["step"] for row in rows(out, stage)]
 
 
 def truncate(checkpoint):

@@ -19,7 +19,7 @@ from rlhf_engine.pipeline.reward import (RMConfig, collate_preferences, normaliz
                                          score_rows, train_reward_model)
 from rlhf_engine.pipeline.run import load_reward_model
 from rlhf_engine.pipeline.sft import SFTConfig
-from tests.pipeline.test_cli import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
+from tests.helpers import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf_engine.engine.engine import left_pad
+from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.engine.rollout import sample
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline.data import encode_prompt
 from rlhf_engine.pipeline.ppo_stage import PolicyProbe, prompt_batches, summarize
 from rlhf_engine.pipeline.report import moving_average, read_metrics, series
 from rlhf_engine.pipeline.run import Run, UsageError
-from rlhf_engine.pipeline.training import StepOutput, TrainConfig, train_loop
-
-
-def linear_task(model_seed=0):
-    """A least-squares problem: 12 fixed examples, a [3 -> 1] linear model."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(12, 3, generator=gen), torch.randn(12, generator=gen)
-    torch.manual_seed(model_seed)
-    model = torch.nn.Linear(3, 1)
-
-    def step(indices):
-        pred = model(x[indices]).squeeze(-1)
-        return StepOutput(((pred - y[indices]) ** 2).sum(), len(indices), len(indices))
-
-    return model, step, lambda: {"eval_loss": 0.0}
-
-
-def saved_steps(root):
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
+from rlhf_engine.pipeline.training import TrainConfig, train_loop
+from tests.helpers import linear_task, saved_steps
 
 
 def test_train_loop_resumes_exactly_where_it_stopped(tmp_path):

@@ -11,10 +11,9 @@ import sys
 import pytest
 
 from rlhf_engine import cli
-from rlhf_engine.engine.checkpoint import load_checkpoint
+from rlhf_engine.checkpoint import load_checkpoint
 from rlhf_engine.pipeline.run import LOCK_FILE, Run, StoppedNow, UsageError, exit_status
-from tests.pipeline.test_cli import assert_same_weights, weights, workspace  # noqa: F401
-from tests.pipeline.test_resume import cut, full_sft, sft_args, steps  # noqa: F401
+from tests.helpers import assert_same_weights, cut, full_sft, sft_args, steps, weights, workspace  # noqa: F401
 
 
 def test_sigterm_writes_a_loadable_checkpoint_exits_143_and_resumes_bit_identically(

@@ -1,4 +1,9 @@
-// Plain C entry point of the decode-step linear kernel (no torch headers).
+// C entry point of the decode-step linear kernel (a plain C header: no torch
+// types). TORCH-ONLY to link: the kernel (csrc/cpu/decode_linear.cpp) is
+// written with ATen's vector types and at::parallel_for, is compiled into the
+// torch extension rlhf_engine._C, and needs libtorch (libc10, libtorch_cpu)
+// and torch's OpenMP runtime; Python reaches it as
+// torch.ops.rlhf_engine_cpu.decode_linear.
 //
 //   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n])      for m < n_rows_x
 //

@@ -1,8 +1,14 @@
-// Plain C entry points of the token log-prob kernels (no torch headers).
+// C entry points of the token log-prob kernels (a plain C header: no torch
+// types).
 //
-// The same contract holds for the CPU (`_cpu`) and CUDA (`_cuda`) builds, so a
-// C/C++ framework can link either without PyTorch. Shapes are given as
-// pointer + sizes + row stride; all sizes are int64.
+// The same contract holds for the CPU (`_cpu`) and CUDA (`_cuda`) builds.
+// Linking: the `_cuda` entry points are plain CUDA C++ (the _cuda_kernels
+// library links without PyTorch); the `_cpu` ones are TORCH-ONLY: the kernel
+// (csrc/cpu/logprobs.cpp) is written with ATen's vector types and
+// at::parallel_for, is compiled into the torch extension rlhf_engine._C, and
+// needs libtorch (libc10, libtorch_cpu) and torch's OpenMP runtime to link;
+// Python reaches it as torch.ops.rlhf_engine_cpu.token_logprobs_*. Shapes
+// are given as pointer + sizes + row stride; all sizes are int64.
 //
 //   logits      [n_rows, vocab] with element stride 1 and row stride
 //               `row_stride` (>= vocab), dtype `logits_dtype`
