@@ -184,19 +184,19 @@ def save_checkpoint(root, step, tensors, objects, *, keep=2):
                     if f"{TENSORS}/{p.name}" not in files:
                         files[f"{TENSORS}/{p.name}"] = _file_record(p)
                 files = dict(sorted(files.items()))
-                _fsync_dir(tmp / TENSORS)
+                _fsync(tmp / TENSORS)
             with _writing(root, step, tmp / OBJECTS):
                 files[OBJECTS] = _write_objects(tmp / OBJECTS, objects)
             with _writing(root, step, tmp / MANIFEST):
                 _write_bytes(tmp / MANIFEST, _manifest_bytes(step, entries, files))
-                _fsync_dir(tmp)
+                _fsync(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         final = root / f"step-{step:08d}"
         with _writing(root, step, final):
             _swap_in(tmp, final)
-            _fsync_dir(root)
+            _fsync(root)
             _write_latest(root, final.name)
         _prune(root, final, keep)
 
@@ -621,7 +621,7 @@ def _check_weights_only(obj, where):
 def _write_objects(path, objects):
     with open(path, "wb") as f:
         torch.save(objects, f)
-    _fsync_file(path)
+    _fsync(path)
     return _file_record(path)
 
 
@@ -630,11 +630,12 @@ def _write_objects(path, objects):
 def _write_bytes(path, data):
     with open(path, "wb") as f:
         f.write(data)
-    _fsync_file(path)
+    _fsync(path)
 
 
-def _fsync_file(path):
-    """Flush ``path`` to disk."""
+def _fsync(path):
+    """Flush the file ``path`` to disk, or make the entries of the folder
+    ``path`` (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -655,20 +656,13 @@ def _file_record(path):
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _fsync_dir(path):
-    """Make the entries of folder ``path`` (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_latest(root, name):
     tmp = root / f".tmp-{LATEST}-{os.getpid()}"
     _write_bytes(tmp, f"{name}\n".encode())
     os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    _fsync(root)
 
 
 def _swap_in(tmp, final):
