@@ -151,11 +151,11 @@ def _handler(module, name):
 
 COMMANDS: Dict[str, Command] = {
     "sft": Command("Supervised fine-tuning on demonstrations.", _sft_types,
-                   _handler("rlhf_engine.pipeline.run", "run_sft_command"),
+                   _handler("rlhf_engine.pipeline.sft", "run_sft_command"),
                    check=_handler("rlhf_engine.pipeline.config", "check_sft_command")),
     "rm": Command("Reward model from comparisons and rankings.", _rm_types,
-                  _handler("rlhf_engine.pipeline.run", "run_rm_command"),
-                  check=_handler("rlhf_engine.pipeline.run", "check_rm_options")),
+                  _handler("rlhf_engine.pipeline.reward", "run_rm_command"),
+                  check=_handler("rlhf_engine.pipeline.config", "check_rm_command")),
     "ppo": Command("PPO of an SFT model against a reward model.", _ppo_types,
                    _handler("rlhf_engine.pipeline.ppo_stage", "run_ppo_command"),
                    check=_handler("rlhf_engine.pipeline.config", "check_ppo_command")),
@@ -164,7 +164,7 @@ COMMANDS: Dict[str, Command] = {
                         prepare=_handler("rlhf_engine.pipeline.builtin", "stage_configs"),
                         defaults={"threads": 1}, presets=_pipeline_presets, device_option="ppo_device"),
     "eval": Command("Win rate of one policy over another, judged by a reward model or the gold judge.",
-                    _eval_types, _handler("rlhf_engine.pipeline.run", "run_eval_command"),
+                    _eval_types, _handler("rlhf_engine.pipeline.evaluate", "run_eval_command"),
                     check=_handler("rlhf_engine.pipeline.config", "check_eval_command")),
 }
 

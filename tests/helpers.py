@@ -3,13 +3,12 @@
 * op tests: backends to run, float64 comparison, poisoned outputs (random op
   inputs: tests/inputs.py);
 * engine tests: a toy world (:func:`make_engine`) and bitwise comparison;
-* pipeline tests: the ``workspace`` fixture (data files, tiny model folders),
-  runs stopped at a step, run-folder readers, two-rank ``torchrun``.
+* pipeline tests: runs stopped at a step, run-folder readers, two-rank
+  ``torchrun`` (their fixtures, ``workspace`` and ``full_sft``, are in
+  tests/pipeline/conftest.py).
 
-Fixtures here are imported by the modules that use them
-(``from tests.helpers import workspace  # noqa: F401``), so each module
-keeps its own module-scoped instance. Heavy imports (transformers, the
-pipeline) happen inside the helpers that need them.
+Heavy imports (transformers, the pipeline) happen inside the helpers that
+need them.
 """
 import contextlib
 import json
@@ -177,31 +176,6 @@ def same_bits(a, b):
 # the command stopped at a given step, and what a run folder holds.
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """Data files, a tiny SFT model folder and a reward model folder from it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
-    from rlhf_engine.models.tokenizer import byte_tokenizer
-    from rlhf_engine.pipeline import task
-    from rlhf_engine.pipeline.data import write_jsonl
-
-    root = tmp_path_factory.mktemp("cli")
-    write_jsonl(root / "demos.jsonl", task.make_demonstrations(24, seed=0))
-    write_jsonl(root / "rankings.jsonl", task.make_rankings(12, 3, seed=1))
-    write_jsonl(root / "prompts.jsonl", task.make_prompts(12, seed=2))
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    for name, model in (("lm", lm), ("rm", reward_model_from_causal_lm(lm))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
-
-
 def interrupt_at(monkeypatch, stage, step, signum=signal.SIGINT):
     """Send SIGINT (as Ctrl-C does), or ``signum``, once ``stage`` has recorded ``step``."""
     from rlhf_engine.pipeline.run import Run
@@ -229,19 +203,9 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def sft_args(workspace):  # noqa: F811
+def sft_args(workspace):
     return ["sft", "--model", str(workspace / "lm"), "--train_file", str(workspace / "demos.jsonl"),
             "--max_steps", "6", "--batch_size", "4", "--eval_every", "2", "--save_every", "2"]
-
-
-@pytest.fixture(scope="module")
-def full_sft(workspace, tmp_path_factory):  # noqa: F811
-    """An uninterrupted SFT run folder, the reference of every resumed one."""
-    from rlhf_engine import cli
-
-    out = tmp_path_factory.mktemp("full") / "sft"
-    assert cli.main(sft_args(workspace) + ["--out", str(out)]) == 0
-    return out
 
 
 def cut(args, out, monkeypatch, stage, step, signum=signal.SIGINT):

@@ -57,7 +57,7 @@ import numbers
 import torch
 from rlhf_engine.engine.batch import Rollout
 from rlhf_engine.models.decode import decode_cache, decode_linears
-from rlhf_engine.models.logprobs import positions_from_mask
+from rlhf_engine.models.causal_lm import positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ submodule (``rlhf_engine.models.prompts``) does not import torch.
 import importlib
 
 _EXPORTS = {
-    "LinearHead": "logprobs", "causal_lm_logprobs": "logprobs", "linear_head": "logprobs",
-    "positions_from_mask": "logprobs",
+    "LinearHead": "causal_lm", "causal_lm_logprobs": "causal_lm", "linear_head": "causal_lm",
+    "positions_from_mask": "causal_lm",
     "PLAIN_SEPARATOR": "prompts", "encode_prompt": "prompts", "left_pad": "prompts",
     "critic_from": "scalar_heads", "reward_model_from_causal_lm": "scalar_heads", "score_offset": "scalar_heads",
     "sequence_scores": "scalar_heads", "token_values": "scalar_heads",

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_engine.distributed import call_as_forward
 from rlhf_engine.models.last_layer import last_hidden
-from rlhf_engine.models.logprobs import model_inputs
+from rlhf_engine.models.causal_lm import model_inputs
 
 
 def scalar_head(model):

@@ -218,6 +218,14 @@ def check_sft_command(data: SFTData, config) -> None:
     check_model_folder("--model", data.model, sizes=tuple(SIZES))
 
 
+def check_rm_command(data: RMData, config) -> None:
+    """``rlhf-engine rm``'s checks across its option groups; ValueError:
+    exit 2 before the run folder opens."""
+    if config.normalize_rewards and not data.demonstrations:
+        raise ValueError("--normalize_rewards (on by default) needs held-out demonstrations: pass --demonstrations "
+                         "FILE (e.g. the SFT stage's eval_file), or --normalize_rewards false")
+
+
 def check_ppo_command(data: PPOData, stage_config, engine_config) -> None:
     """``rlhf-engine ppo``: the PPO-ptx options
     (:func:`~rlhf_engine.pipeline.ppo_stage.check_ppo_options`), the model

@@ -18,10 +18,12 @@ Under torch.distributed the batches are spread over the ranks
 sampled with its own seed, so the responses do not depend on the world
 size.
 """
+import functools
+import json
 import math
 import random
 import statistics
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -29,8 +31,9 @@ from rlhf_engine import distributed
 from rlhf_engine.engine.rollout import SamplingParams, sample
 from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.pipeline import task
-from rlhf_engine.pipeline.data import encode_pair, encode_prompt
+from rlhf_engine.pipeline.data import encode_pair, encode_prompt, read_jsonl
 from rlhf_engine.pipeline.reward import score_rows
+from rlhf_engine.pipeline.run import Run, check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_engine.pipeline.vocab import tokenizer_key
 
 Judge = Callable[[Sequence[str], Sequence[str]], List[float]]
@@ -259,3 +262,35 @@ def compare_policies(policy_a, policy_b, tokenizer, prompts: Sequence[str], judg
     responses_b = generate_responses(policy_b, tokenizer, prompts, **kwargs)
     scores_a, scores_b = list(judge(prompts, responses_a)), list(judge(prompts, responses_b))
     return PolicyComparison(win_rate(scores_a, scores_b), scores_a, scores_b, responses_a, responses_b)
+
+
+def run_eval_command(run: Run, options) -> Dict:
+    """``rlhf-engine eval``: the win rate of ``policy_a`` over ``policy_b``
+    on the prompts, judged by the gold judge or a reward model; every
+    response and score goes to ``eval/responses.jsonl``. Under
+    torch.distributed the sampling batches are spread over the ranks."""
+    prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
+    tokenizer = load_tokenizer(options.policy_a, role="--policy_a")
+    # both policies are sampled with policy_a's tokenizer; a judge with its own tokenizer scores the text
+    check_same_tokenizer(tokenizer, "--policy_a", options.policy_a, "--policy_b", options.policy_b)
+    policy_a, _ = load_causal_lm(options.policy_a, role="--policy_a")
+    policy_b, _ = load_causal_lm(options.policy_b, role="--policy_b")
+    policy_a, policy_b = policy_a.to(run.device), policy_b.to(run.device)
+    if options.judge == "gold":
+        judge = judge_gold
+    else:
+        judge = functools.partial(judge_reward_model, load_reward_model(options.judge, role="--judge").to(run.device),
+                                  load_tokenizer(options.judge, role="--judge"), batch_size=options.batch_size)
+    run.log(f"eval: sampling {len(prompts)} prompts from each policy")
+    comparison = compare_policies(policy_a, policy_b, tokenizer, prompts, judge,
+                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                                  seed=options.seed, batch_size=options.batch_size)
+    if run.is_main:
+        with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
+            for row in zip(prompts, comparison.responses_a, comparison.scores_a, comparison.responses_b,
+                           comparison.scores_b):
+                f.write(json.dumps(dict(zip(("prompt", "a", "score_a", "b", "score_b"), row))) + "\n")
+    rate = comparison.win_rate
+    return run.finish("eval", {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high,
+                               "wins": rate.wins, "ties": rate.ties, "losses": rate.losses, "n": rate.n,
+                               "judge": options.judge})

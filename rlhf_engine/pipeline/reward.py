@@ -24,6 +24,7 @@ model folder carries it to every consumer (the engine, ``eval``, the
 probes) whether or not the score head has a bias to fold it into.
 """
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -31,10 +32,12 @@ import torch
 
 from rlhf_engine import ops
 from rlhf_engine.models.prompts import left_pad
-from rlhf_engine.models.scalar_heads import score_offset, sequence_scores
+from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm, score_offset, sequence_scores
 from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
-from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking
+from rlhf_engine.pipeline.config import check_rm_command
+from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking, read_jsonl
+from rlhf_engine.pipeline.run import Run, UsageError, check_folder, load_causal_lm, train_stage
 from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, prepare_examples,
                                           split_and_prepare, total_steps, train_loop)
 
@@ -282,3 +285,33 @@ def train_reward_model(model, tokenizer, train_records: Sequence, eval_records: 
     metrics = train_loop(model, config, len(train), step, evaluate, on_step=after_step, stop=stop,
                          checkpoints=checkpoints, resume=resume)
     return {**metrics, **info, **normalized}
+
+
+def run_rm_command(run: Run, data, config) -> Dict:
+    """``rlhf-engine rm``: a reward model from the SFT folder ``data.model``,
+    trained on comparisons and/or rankings, its scores normalised on the
+    held-out demonstrations ``data.demonstrations`` (unless
+    ``config.normalize_rewards`` is off)."""
+    try:
+        check_rm_command(data, config)  # the CLI checks it before the run folder opens
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def records(comparisons, rankings):
+        found = read_jsonl(comparisons, "comparisons") if comparisons else []
+        return found + (read_jsonl(rankings, "rankings") if rankings else [])
+
+    train = records(data.comparisons, data.rankings)
+    held = records(data.eval_comparisons, data.eval_rankings) or None
+    demonstrations = None
+    if config.normalize_rewards:
+        demonstrations = read_jsonl(data.demonstrations, "demonstrations")
+        if not demonstrations:
+            raise UsageError(f"--demonstrations {data.demonstrations} holds no demonstrations")
+    check_folder(data.model, "--model")  # not a size: the reward model starts from an SFT model
+    lm, tokenizer = load_causal_lm(data.model, role="--model")
+    model = reward_model_from_causal_lm(lm, seed=data.model_seed)
+    train_fn = functools.partial(train_reward_model, demonstrations=demonstrations)
+    result = train_stage(run, "rm", model, tokenizer, train_fn, train, held, config,
+                         postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
+    return {**result, "model": str(run.model_dir("rm"))}

@@ -1,4 +1,9 @@
-"""A run folder, and the SFT and reward-model stages run inside it.
+"""A run folder, what runs a training stage inside it (:func:`train_stage`),
+and loading the model folders a command is given. The commands themselves
+live beside their stages: ``run_sft_command`` in :mod:`~rlhf_engine.pipeline.sft`,
+``run_rm_command`` in :mod:`~rlhf_engine.pipeline.reward`, ``run_ppo_command``
+in :mod:`~rlhf_engine.pipeline.ppo_stage`, ``run_eval_command`` in
+:mod:`~rlhf_engine.pipeline.evaluate`.
 
 Layout (``<stage>`` is ``sft``, ``rm``, ``ppo``, ...)::
 
@@ -48,7 +53,6 @@ done; every rank reads checkpoints and model folders, and writes its own
 shards of a checkpoint (a collective).
 """
 import fcntl
-import functools
 import json
 import logging
 import math
@@ -67,14 +71,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_engine import distributed
 from rlhf_engine.checkpoint import LATEST, latest_checkpoint
 from rlhf_engine.models.builders import SIZES, build_policy
-from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.config import CONFIG_FILE
-from rlhf_engine.pipeline.data import read_jsonl
-from rlhf_engine.pipeline.evaluate import compare_policies, judge_gold, judge_reward_model
-from rlhf_engine.pipeline.reward import train_reward_model
-from rlhf_engine.pipeline.sft import train_sft
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, total_steps
 from rlhf_engine.pipeline.vocab import tokenizer_difference
 
@@ -640,7 +639,7 @@ def load_reward_model(path: str, *, role: str = "reward model"):
 def load_tokenizer(path: str, *, role: str = "model"):
     """The tokenizer of a model folder (a UsageError naming ``role`` when
     it has none); one without a pad token pads with EOS."""
-    _check_folder(path, role)
+    check_folder(path, role)
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise UsageError(f"{role} {path} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -663,7 +662,7 @@ def check_same_tokenizer(tokenizer, role: str, path: str, other_role: str, other
 def _load_model(auto_class, path: str, role: str, **kwargs):
     """``auto_class.from_pretrained(path)`` in float32, refusing a folder
     whose weights would leave part of the model freshly initialised."""
-    _check_folder(path, role)
+    check_folder(path, role)
     suffixes, kind, head = _OTHER_KIND[auto_class]
     architectures = _architectures(path)
     other = [name for name in architectures if name.endswith(suffixes)]
@@ -687,88 +686,6 @@ def _architectures(path: str):
     return list(config.get("architectures") or [])
 
 
-def _check_folder(path: str, role: str = "model") -> None:
+def check_folder(path: str, role: str = "model") -> None:
     if not Path(path).is_dir():
         raise UsageError(f"{role} {path}: no such model folder")
-
-
-def run_sft_command(run: Run, data, config) -> Dict:
-    """``rlhf-engine sft``: fine-tune ``data.model`` on ``data.train_file``
-    (:class:`~rlhf_engine.pipeline.config.SFTData`, :class:`~rlhf_engine.pipeline.sft.SFTConfig`)."""
-    train = read_jsonl(data.train_file, "demonstrations")
-    held = read_jsonl(data.eval_file, "demonstrations") if data.eval_file else None
-    texts = [text for record in train for text in (record.prompt, record.response)]
-    model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed,
-                                      role="--model")
-    result = train_stage(run, "sft", model, tokenizer, train_sft, train, held, config)
-    return {**result, "model": str(run.model_dir("sft"))}
-
-
-def check_rm_options(data, config) -> None:
-    """``rlhf-engine rm``'s checks across its option groups; ValueError:
-    exit 2 before the run folder opens."""
-    if config.normalize_rewards and not data.demonstrations:
-        raise ValueError("--normalize_rewards (on by default) needs held-out demonstrations: pass --demonstrations "
-                         "FILE (e.g. the SFT stage's eval_file), or --normalize_rewards false")
-
-
-def run_rm_command(run: Run, data, config) -> Dict:
-    """``rlhf-engine rm``: a reward model from the SFT folder ``data.model``,
-    trained on comparisons and/or rankings, its scores normalised on the
-    held-out demonstrations ``data.demonstrations`` (unless
-    ``config.normalize_rewards`` is off)."""
-    try:
-        check_rm_options(data, config)  # the CLI checks it before the run folder opens
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    def records(comparisons, rankings):
-        found = read_jsonl(comparisons, "comparisons") if comparisons else []
-        return found + (read_jsonl(rankings, "rankings") if rankings else [])
-
-    train = records(data.comparisons, data.rankings)
-    held = records(data.eval_comparisons, data.eval_rankings) or None
-    demonstrations = None
-    if config.normalize_rewards:
-        demonstrations = read_jsonl(data.demonstrations, "demonstrations")
-        if not demonstrations:
-            raise UsageError(f"--demonstrations {data.demonstrations} holds no demonstrations")
-    _check_folder(data.model, "--model")  # not a size: the reward model starts from an SFT model
-    lm, tokenizer = load_causal_lm(data.model, role="--model")
-    model = reward_model_from_causal_lm(lm, seed=data.model_seed)
-    train_fn = functools.partial(train_reward_model, demonstrations=demonstrations)
-    result = train_stage(run, "rm", model, tokenizer, train_fn, train, held, config,
-                         postfix=lambda m: {"loss": m["loss"], "acc": m["accuracy"]})
-    return {**result, "model": str(run.model_dir("rm"))}
-
-
-def run_eval_command(run: Run, options) -> Dict:
-    """``rlhf-engine eval``: the win rate of ``policy_a`` over ``policy_b``
-    on the prompts, judged by the gold judge or a reward model; every
-    response and score goes to ``eval/responses.jsonl``. Under
-    torch.distributed the sampling batches are spread over the ranks."""
-    prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
-    tokenizer = load_tokenizer(options.policy_a, role="--policy_a")
-    # both policies are sampled with policy_a's tokenizer; a judge with its own tokenizer scores the text
-    check_same_tokenizer(tokenizer, "--policy_a", options.policy_a, "--policy_b", options.policy_b)
-    policy_a, _ = load_causal_lm(options.policy_a, role="--policy_a")
-    policy_b, _ = load_causal_lm(options.policy_b, role="--policy_b")
-    policy_a, policy_b = policy_a.to(run.device), policy_b.to(run.device)
-    if options.judge == "gold":
-        judge = judge_gold
-    else:
-        judge = functools.partial(judge_reward_model, load_reward_model(options.judge, role="--judge").to(run.device),
-                                  load_tokenizer(options.judge, role="--judge"), batch_size=options.batch_size)
-    run.log(f"eval: sampling {len(prompts)} prompts from each policy")
-    comparison = compare_policies(policy_a, policy_b, tokenizer, prompts, judge,
-                                  max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                                  seed=options.seed, batch_size=options.batch_size)
-    if run.is_main:
-        with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
-            for row in zip(prompts, comparison.responses_a, comparison.scores_a, comparison.responses_b,
-                           comparison.scores_b):
-                f.write(json.dumps(dict(zip(("prompt", "a", "score_a", "b", "score_b"), row))) + "\n")
-    rate = comparison.win_rate
-    return run.finish("eval", {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high,
-                               "wins": rate.wins, "ties": rate.ties, "losses": rate.losses, "n": rate.n,
-                               "judge": options.judge})

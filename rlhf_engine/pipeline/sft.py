@@ -9,14 +9,15 @@ padded otherwise. The optimisation is the shared loop of
 :mod:`rlhf_engine.pipeline.training`.
 """
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
-from rlhf_engine.pipeline.data import Demonstration
+from rlhf_engine.pipeline.data import Demonstration, read_jsonl
+from rlhf_engine.pipeline.run import Run, load_causal_lm, train_stage
 from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, split_and_prepare,
                                           train_loop)
 
@@ -97,3 +98,15 @@ def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
     metrics = train_loop(model, config, len(train), step, evaluate, on_step=on_step, stop=stop,
                          checkpoints=checkpoints, resume=resume)
     return {**metrics, **info, "packed": packed}
+
+
+def run_sft_command(run: Run, data, config) -> Dict:
+    """``rlhf-engine sft``: fine-tune ``data.model`` on ``data.train_file``
+    (:class:`~rlhf_engine.pipeline.config.SFTData`, :class:`~rlhf_engine.pipeline.sft.SFTConfig`)."""
+    train = read_jsonl(data.train_file, "demonstrations")
+    held = read_jsonl(data.eval_file, "demonstrations") if data.eval_file else None
+    texts = [text for record in train for text in (record.prompt, record.response)]
+    model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed,
+                                      role="--model")
+    result = train_stage(run, "sft", model, tokenizer, train_sft, train, held, config)
+    return {**result, "model": str(run.model_dir("sft"))}

@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_engine.models.logprobs import positions_from_mask
+from rlhf_engine.models.causal_lm import positions_from_mask
 from rlhf_engine.models.scalar_heads import (critic_from, last_real_index, reward_model_from_causal_lm,
                                              scalar_head, sequence_scores, token_values)
 

@@ -14,7 +14,7 @@ from rlhf_engine import cli
 from rlhf_engine.models.scalar_heads import sequence_scores
 from rlhf_engine.pipeline.config import RunOptions, SFTData, parse_command
 from rlhf_engine.pipeline.sft import SFTConfig
-from tests.helpers import assert_same_weights, interrupt_at, weights, workspace  # noqa: F401  (a fixture)
+from tests.helpers import assert_same_weights, interrupt_at, weights
 
 SFT_TYPES = (RunOptions, SFTData, SFTConfig)
 

@@ -17,18 +17,17 @@ from rlhf_engine import cli
 from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import build_policy
 from rlhf_engine.models.tokenizer import MAX_WORD_CHARS, byte_tokenizer, training_texts
-from rlhf_engine.pipeline import builtin, ppo_stage, run as run_module, sft
+from rlhf_engine.pipeline import builtin, evaluate, ppo_stage, run as run_module, sft
 from rlhf_engine.pipeline.data import Demonstration, LengthPolicyError, encode_record, fit_examples, write_jsonl
 from rlhf_engine.pipeline.ppo_stage import PPOStageConfig, train_ppo
 from rlhf_engine.pipeline.run import LOG_FILE, Run
-from tests.helpers import workspace  # noqa: F401  (the fixture: data, a tiny SFT model, a reward model)
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 MODEL_LOADERS = ("load_causal_lm", "load_reward_model", "build_policy")
 
 
 @pytest.fixture(scope="module")
-def files(workspace):  # noqa: F811
+def files(workspace):
     """The workspace, prompts that are not the built-in task's, and a regular file."""
     (workspace / "other_prompts.jsonl").write_text('{"prompt": "upper: abc"}\n{"prompt": "Write a haiku."}\n')
     (workspace / "a_file").write_text("not a folder\n")
@@ -209,7 +208,7 @@ def test_the_gold_judge_takes_the_task_prompts(files, tmp_path, capsys, monkeypa
         loaded.append(args)
         raise run_module.UsageError("stopped here")
 
-    monkeypatch.setattr(run_module, "load_causal_lm", stop)
+    monkeypatch.setattr(evaluate, "load_causal_lm", stop)  # the eval command's loader
     assert cli.main(command_line(files, "eval") + ["--out", str(tmp_path / "run")]) == 2
     assert loaded and "stopped here" in capsys.readouterr().err
 

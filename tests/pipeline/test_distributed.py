@@ -14,7 +14,7 @@ from rlhf_engine import cli
 from rlhf_engine.distributed import Layout
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, rank_rows
-from tests.helpers import torchrun, workspace  # noqa: F401  (the fixture: data files and tiny model folders)
+from tests.helpers import torchrun
 from tests.ranks import run_ranks
 
 SFT_ARGS = ["--max_steps", "4", "--batch_size", "4", "--eval_every", "2", "--save_every", "2", "--threads", "1"]
@@ -41,7 +41,7 @@ def assert_close_rows(got, want, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def sft_runs(workspace, tmp_path_factory):  # noqa: F811
+def sft_runs(workspace, tmp_path_factory):
     """``(one, two)``: the same SFT run folder in one process and on 2 ranks."""
     root = tmp_path_factory.mktemp("sft")
     args = ["sft", "--model", str(workspace / "lm"), "--train_file", str(workspace / "demos.jsonl"), *SFT_ARGS]
@@ -83,7 +83,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(sft_runs, tmp_path, capsys):
     assert_close_rows(losses(cut, "sft", *keys)[2:], losses(one, "sft", *keys)[2:])
 
 
-def test_reward_model_on_two_ranks_matches_one(workspace, tmp_path):  # noqa: F811
+def test_reward_model_on_two_ranks_matches_one(workspace, tmp_path):
     args = ["rm", "--model", str(workspace / "lm"), "--rankings", str(workspace / "rankings.jsonl"),
             "--demonstrations", str(workspace / "demos.jsonl"), *RM_ARGS]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
@@ -93,7 +93,7 @@ def test_reward_model_on_two_ranks_matches_one(workspace, tmp_path):  # noqa: F8
     assert_close_rows(losses(tmp_path / "two", "rm", *keys), losses(tmp_path / "one", "rm", *keys))
 
 
-def test_ranks_started_with_different_options_stop_with_one_line(workspace, tmp_path):  # noqa: F811
+def test_ranks_started_with_different_options_stop_with_one_line(workspace, tmp_path):
     args = ["sft", "--model", str(workspace / "lm"), "--train_file", str(workspace / "demos.jsonl"), *SFT_ARGS,
             "--out", str(tmp_path / "run")]
     results = launch_ranks([args + ["--lr", "0.001"], args + ["--lr", "0.002"]])

@@ -13,7 +13,6 @@ from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline.run import UsageError, load_causal_lm, load_reward_model
 from rlhf_engine.pipeline.vocab import tokenizer_difference, tokenizer_key
-from tests.helpers import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
 
 
 def tiny_lm(tok, **config):
@@ -29,7 +28,7 @@ def other_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def folders(workspace, tmp_path_factory):  # noqa: F811
+def folders(workspace, tmp_path_factory):
     """The workspace's folders (lm, rm, data) and more: models with another tokenizer, a tied-embedding
     reward model, a bare body, a reward model saved without its tokenizer."""
     root = tmp_path_factory.mktemp("folders")

@@ -20,13 +20,13 @@ from rlhf_engine.pipeline.ppo_stage import PolicyProbe, ptx_batches
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.sft import SFTConfig
 from rlhf_engine.pipeline.training import split_and_prepare
-from tests.helpers import interrupt_at, torchrun, workspace  # noqa: F401  (the fixture: data and a tiny model)
+from tests.helpers import interrupt_at, torchrun
 
 PTX_COEF, LR = 0.5, 0.05
 
 
 @pytest.fixture(scope="module")
-def ptx_workspace(workspace):  # noqa: F811
+def ptx_workspace(workspace):
     """test_cli's workspace (demonstrations, prompts, a tiny SFT model) and a
     reward model that scores every response 0 (its head is zero): with group
     baselines every advantage is then exactly 0, so the policy-gradient loss

@@ -17,12 +17,11 @@ from rlhf_engine import cli
 from rlhf_engine.pipeline.ppo_stage import PPOStageConfig
 from rlhf_engine.pipeline.sft import SFTConfig
 from rlhf_engine.pipeline.training import TrainConfig, train_loop
-from tests.helpers import (assert_same_weights, cut, full_sft, linear_task, rows, saved_steps,  # noqa: F401
-                           sft_args, steps, weights, workspace)
+from tests.helpers import assert_same_weights, cut, linear_task, rows, saved_steps, sft_args, steps, weights
 from tests.ranks import REPO
 
 
-def ppo_args(workspace):  # noqa: F811
+def ppo_args(workspace):
     return ["ppo", "--policy", str(workspace / "lm"), "--reward_model", str(workspace / "rm"),
             "--prompts", str(workspace / "prompts.jsonl"), "--eval_prompts", str(workspace / "prompts.jsonl"),
             "--prompts_per_iteration", "4", "--iterations", "4", "--eval_every", "2", "--save_every", "1",
@@ -30,7 +29,7 @@ def ppo_args(workspace):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def full_ppo(workspace, tmp_path_factory):  # noqa: F811
+def full_ppo(workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "ppo"
     assert cli.main(ppo_args(workspace) + ["--out", str(out)]) == 0
     return out
@@ -63,7 +62,7 @@ def warnings_in(text):
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_and_every_step_recorded_once(
-        workspace, full_sft, tmp_path, capsys, monkeypatch):  # noqa: F811
+        workspace, full_sft, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     root, damaged = cut_and_damage_the_newest(sft_args(workspace), out, monkeypatch, "sft", 4, [2, 4])
     capsys.readouterr()
@@ -79,7 +78,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_and_every_step_
 
 
 def test_every_checkpoint_damaged_is_an_error_unless_restart_stage(workspace, full_sft, tmp_path, capsys,
-                                                                     monkeypatch):  # noqa: F811
+                                                                     monkeypatch):
     out = tmp_path / "run"
     cut(sft_args(workspace), out, monkeypatch, "sft", 4)
     root = out / "sft" / "checkpoints"
@@ -101,7 +100,7 @@ def test_every_checkpoint_damaged_is_an_error_unless_restart_stage(workspace, fu
 
 
 def test_nothing_to_resume_is_an_error_unless_restart_stage(workspace, full_sft, tmp_path, capsys,
-                                                            monkeypatch):  # noqa: F811
+                                                            monkeypatch):
     out = tmp_path / "run"
     cut(sft_args(workspace), out, monkeypatch, "sft", 3)
     for path in (out / "sft" / "checkpoints").iterdir():  # as a kill -9 before the first save leaves it
@@ -117,7 +116,7 @@ def test_nothing_to_resume_is_an_error_unless_restart_stage(workspace, full_sft,
 
 
 def test_options_given_with_resume_apply_and_are_logged_or_are_refused(workspace, full_sft, tmp_path, capsys,
-                                                                       monkeypatch):  # noqa: F811
+                                                                       monkeypatch):
     out = tmp_path / "run"
     cut(sft_args(workspace), out, monkeypatch, "sft", 4)
     config = (out / "config.json").read_text()
@@ -140,7 +139,7 @@ def test_options_given_with_resume_apply_and_are_logged_or_are_refused(workspace
 
 
 def test_ppo_resume_skips_a_damaged_checkpoint_applies_a_new_lr_and_records_each_iteration_once(
-        workspace, full_ppo, tmp_path, capsys, monkeypatch):  # noqa: F811
+        workspace, full_ppo, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     cut_and_damage_the_newest(ppo_args(workspace), out, monkeypatch, "ppo", 2, [1, 2])
     capsys.readouterr()
@@ -174,7 +173,7 @@ def test_time_based_saves(tmp_path):
 
 
 def test_kill_9_with_default_cadence_loses_at_most_the_interval_and_records_each_step_once(
-        workspace, tmp_path, capsys):  # noqa: F811
+        workspace, tmp_path, capsys):
     """A real `kill -9` of a running `rlhf-engine sft` with the defaults (no step-based saves: time-based ones
     only), the interval made short; then --resume."""
     assert SFTConfig().save_every == 0 and SFTConfig().save_every_minutes > 0

@@ -19,7 +19,6 @@ from rlhf_engine.pipeline.reward import (RMConfig, collate_preferences, normaliz
                                          score_rows, train_reward_model)
 from rlhf_engine.pipeline.run import load_reward_model
 from rlhf_engine.pipeline.sft import SFTConfig
-from tests.helpers import workspace  # noqa: F401  (the fixture: data files and tiny model folders)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +203,12 @@ def test_normalize_scores_accumulates_onto_an_existing_offset(tok):
     assert normalize_scores(model, tok, demonstrations, RMConfig())["reward/offset"] == pytest.approx(raw, abs=1e-5)
 
 
-def rm_command(workspace, out, *extra):  # noqa: F811
+def rm_command(workspace, out, *extra):
     return cli.main(["rm", "--model", str(workspace / "lm"), "--rankings", str(workspace / "rankings.jsonl"),
                      "--max_steps", "2", "--batch_size", "4", "--lr", "1e-2", "--out", str(out), *extra])
 
 
-def test_rm_command_normalises_on_held_out_demonstrations(workspace, tmp_path, capsys):  # noqa: F811
+def test_rm_command_normalises_on_held_out_demonstrations(workspace, tmp_path, capsys):
     demos = workspace / "demos.jsonl"
     assert rm_command(workspace, tmp_path / "rm", "--demonstrations", str(demos)) == 0
     result = json.loads(capsys.readouterr().out)
@@ -228,7 +227,7 @@ def test_rm_command_normalises_on_held_out_demonstrations(workspace, tmp_path, c
     assert "score_offset" not in json.loads((tmp_path / "off" / "rm" / "model" / "config.json").read_text())
 
 
-def test_rm_command_without_demonstrations_is_refused(workspace, tmp_path, capsys):  # noqa: F811
+def test_rm_command_without_demonstrations_is_refused(workspace, tmp_path, capsys):
     assert rm_command(workspace, tmp_path / "rm") == 2
     err = capsys.readouterr().err
     assert "--normalize_rewards" in err and "--demonstrations FILE" in err and "Traceback" not in err

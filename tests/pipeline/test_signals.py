@@ -13,11 +13,11 @@ import pytest
 from rlhf_engine import cli
 from rlhf_engine.checkpoint import load_checkpoint
 from rlhf_engine.pipeline.run import LOCK_FILE, Run, StoppedNow, UsageError, exit_status
-from tests.helpers import assert_same_weights, cut, full_sft, sft_args, steps, weights, workspace  # noqa: F401
+from tests.helpers import assert_same_weights, cut, sft_args, steps, weights
 
 
 def test_sigterm_writes_a_loadable_checkpoint_exits_143_and_resumes_bit_identically(
-        workspace, full_sft, tmp_path, capsys, monkeypatch):  # noqa: F811
+        workspace, full_sft, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     cut(sft_args(workspace), out, monkeypatch, "sft", 3, signal.SIGTERM)  # asserts the exit status 143
     err = capsys.readouterr().err
@@ -44,7 +44,7 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(tmp_path):
 
 
 def test_a_second_process_on_a_locked_run_folder_is_refused_naming_the_holder(
-        workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+        workspace, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     cut(sft_args(workspace), out, monkeypatch, "sft", 2)
     config = (out / "config.json").read_text()
