@@ -35,17 +35,14 @@ _CHOICES = {
 #     k3 = e^-d - 1 + d   gradient E_pi[(1 - ref/pi) grad log pi]
 #                  = grad KL(ref || pi) (forward KL); bounded and low-variance,
 #                  veRL's and GRPO's choice. The default in the loss.
-KL_ESTIMATORS = {"reward": ("k1",), "loss": ("k2", "k3")}
-KL_DEFAULT = {"reward": "k1", "loss": "k3"}
 KL_DIVERGENCE = {("reward", "k1"): "KL(pi || ref)", ("loss", "k2"): "KL(pi || ref)",
-                 ("loss", "k3"): "KL(ref || pi)"}
+                 ("loss", "k3"): "KL(ref || pi)"}  # the pairs accepted, and what each optimises
+KL_DEFAULT = {"reward": "k1", "loss": "k3"}
+# Why the other estimators are refused in each placement.
 _KL_REFUSED = {
-    ("reward", "k2"): "as a per-token reward, k2's policy gradient is not the KL's (about 3% of it near the "
-                      "reference, and pointing away from it further out)",
-    ("reward", "k3"): "as a per-token reward, k3's policy gradient is not the KL's (about 3% of it near the "
-                      "reference, and pointing away from it further out)",
-    ("loss", "k1"): "in the loss, k1's expected gradient is exactly zero (it adds noise and no pull toward the "
-                    "reference)",
+    "reward": "as a per-token reward, its policy gradient is not the KL's (about 3% of it near the reference, "
+              "and pointing away from it further out)",
+    "loss": "in the loss, k1's expected gradient is exactly zero (it adds noise and no pull toward the reference)",
 }
 
 # Values that used to be accepted and are now refused, with why and what to use instead.
@@ -164,8 +161,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         _check_numbers(self)
         _check_combinations(self)
-        if self.device != "auto":
-            _check_device(self.device)
+        check_device(self.device)
         from rlhf_engine.engine.offload import OffloadPolicy
         try:
             OffloadPolicy.parse(self.offload_policy, enabled=self.offload)
@@ -270,10 +266,10 @@ _DEPENDENT = {
 def _check_combinations(cfg):
     """The fields that interact: refuse the pairs that crash or do nothing, naming the alternative."""
     estimator = cfg.kl_estimator_used
-    if (cfg.kl_in, estimator) in _KL_REFUSED:
-        usable = " or ".join(KL_ESTIMATORS[cfg.kl_in])
+    if (cfg.kl_in, estimator) not in KL_DIVERGENCE:
+        usable = " or ".join(e for placement, e in KL_DIVERGENCE if placement == cfg.kl_in)
         other = "loss" if cfg.kl_in == "reward" else "reward"
-        raise ValueError(f"kl_in={cfg.kl_in!r} with kl_estimator={estimator!r}: {_KL_REFUSED[cfg.kl_in, estimator]}; "
+        raise ValueError(f"kl_in={cfg.kl_in!r} with kl_estimator={estimator!r}: {_KL_REFUSED[cfg.kl_in]}; "
                          f"use kl_estimator={usable} there (or 'auto'), or kl_in={other!r}")
     if not cfg.uses_critic and cfg.samples_per_prompt < 2:
         raise ValueError(f"advantage_estimator={cfg.advantage_estimator!r} (a group baseline) needs "
@@ -294,7 +290,11 @@ def _check_combinations(cfg):
                          f"past lr_warmup_steps={cfg.lr_warmup_steps}; raise total_steps or use 'constant'")
 
 
-def _check_device(spec):
+def check_device(spec):
+    """ValueError unless ``spec`` is 'auto', 'cpu', 'cuda' (on a machine with CUDA) or 'cuda:N' (an existing
+    GPU): the engine's ``device``, and the stages' (rlhf_engine.pipeline.config)."""
+    if spec == "auto":
+        return
     import torch
 
     try:

@@ -131,18 +131,14 @@ class RLHFEngine:
         """Build from HuggingFace model folders or hub names."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        def load(auto, path, what, **kwargs):
-            model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
-            if info.get("missing_keys"):
-                missing = sorted(info["missing_keys"])
-                raise ValueError(f"{path} is not a {what} folder: loading it would initialise "
-                                 f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} at random")
-            return model
+        from rlhf_engine.models.loading import load_pretrained
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or policy_path)
-        policy = load(AutoModelForCausalLM, policy_path, "causal LM (policy)")
-        reward = load(AutoModelForSequenceClassification, reward_model_path, "reward model", num_labels=1)
-        critic = load(AutoModelForSequenceClassification, critic_path, "critic", num_labels=1) if critic_path else None
+        policy = load_pretrained(AutoModelForCausalLM, policy_path, "the policy")
+        reward = load_pretrained(AutoModelForSequenceClassification, reward_model_path, "the reward model",
+                                 num_labels=1)
+        critic = (load_pretrained(AutoModelForSequenceClassification, critic_path, "the critic", num_labels=1)
+                  if critic_path else None)
         return cls(policy, tokenizer, config, reward_model=reward, critic=critic)
 
     def _adamw(self, model, lr):
@@ -608,12 +604,14 @@ class RLHFEngine:
         (torch.distributed.checkpoint), into a folder all ranks share."""
         return engine_state.save(self, directory, extra, keep=keep)
 
-    def load(self, directory):
+    def load(self, directory, *, verify=True):
         """Restore the latest complete checkpoint under ``directory`` (or the
         checkpoint folder itself) into this engine, built with the same
         models and config, at any world size; returns the ``extra`` it was
-        saved with. Under torch.distributed every rank calls it."""
-        return engine_state.load(self, directory)
+        saved with. ``verify=False`` skips checking the files of a folder
+        the caller has just verified. Under torch.distributed every rank
+        calls it."""
+        return engine_state.load(self, directory, verify)
 
 
 def _record(entries, sums, stats):

@@ -44,14 +44,19 @@ def save(engine, directory, extra=None, keep=2):
     return save_checkpoint(directory, engine.iteration, tensors, objects, keep=keep)  # names a failed rank
 
 
-def load(engine, directory):
+def load(engine, directory, verify=True):
     """Restore the latest complete checkpoint under ``directory`` (or the
-    checkpoint folder itself) into ``engine``; returns its ``extra``."""
+    checkpoint folder itself) into ``engine``; returns its ``extra``.
+    ``verify=False``: the folder's files were verified already (e.g. it was
+    chosen by :func:`~rlhf_engine.checkpoint.latest_checkpoint`)."""
     directory = Path(directory)
-    path = directory if (directory / "manifest.json").exists() else latest_checkpoint(directory)
+    if (directory / "manifest.json").exists():
+        path = directory
+    else:
+        path, verify = latest_checkpoint(directory), False  # latest_checkpoint verifies what it picks
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint under {directory}")
-    tensors, objects = load_checkpoint(path, collect(engine)[0])
+    tensors, objects = load_checkpoint(path, collect(engine)[0], verify=verify)
     if objects.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {objects.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     for name, saved in objects["fingerprints"].items():

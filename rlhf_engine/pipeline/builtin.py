@@ -41,7 +41,7 @@ from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE, byte_tokenizer
-from rlhf_engine.options import option
+from rlhf_engine.options import check_int, option
 from rlhf_engine.pipeline import batching, report, task
 from rlhf_engine.pipeline.config import prefixed, unprefixed
 from rlhf_engine.pipeline.data import (PLAIN_SEPARATOR, Comparison, LengthPolicyError, encode_prompt, read_jsonl,
@@ -93,11 +93,11 @@ class TaskConfig:
             raise ValueError(f"policy_size must be one of {sorted(SIZES)}, got {self.policy_size!r}")
         for name in ("demonstrations", "rankings", "prompts", "heldout_prompts", "probe_prompts",
                      "rm_eval_comparisons", "eval_batch_size"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(self, name, 1)
         for name in ("data_seed", "model_seed", "nokl_iterations", "policy_layers", "policy_intermediate_size"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("ranking_size", self.ranking_size, 2)
-        _check_int("vocab_size", self.vocab_size, MIN_VOCAB_SIZE)
+            check_int(self, name, 0)
+        check_int(self, "ranking_size", 2)
+        check_int(self, "vocab_size", MIN_VOCAB_SIZE)
         if isinstance(self.demo_noise, bool) or not isinstance(self.demo_noise, (int, float)) or \
                 not 0 <= self.demo_noise <= 1:
             raise ValueError(f"demo_noise must be a number in [0, 1], got {self.demo_noise!r}")
@@ -105,11 +105,6 @@ class TaskConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # The stages' defaults for the built-in task (the flags' defaults in `rlhf-engine pipeline --help`).

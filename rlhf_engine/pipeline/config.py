@@ -22,7 +22,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from transformers import HfArgumentParser
 
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE
-from rlhf_engine.options import option
+from rlhf_engine.options import check_int, option
 from rlhf_engine.pipeline import task
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, DataError, read_jsonl
 
@@ -31,18 +31,12 @@ CONFIG_FILE = "config.json"
 INVOCATION_ONLY = ("config", "resume", "restart_stage")
 
 
-def _check_int(obj, name: str, minimum: int) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_device(value) -> None:
     """'auto', 'cpu', 'cuda' (on a machine with CUDA) or 'cuda:N' (an existing GPU), as the engine's ``device``."""
     if value != "auto":
-        from rlhf_engine.engine.config import _check_device as check_engine_device
+        from rlhf_engine.engine.config import check_device  # imports the engine (and torch): only when needed
 
-        check_engine_device(value)
+        check_device(value)
 
 
 @dataclasses.dataclass
@@ -64,7 +58,7 @@ class RunOptions:
     def __post_init__(self):
         if self.restart_stage and not self.resume:
             raise ValueError("--restart_stage only applies with --resume")
-        _check_int(self, "threads", 0)
+        check_int(self, "threads", 0)
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or \
                 not 0 < self.dist_timeout < float("inf"):
             raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
@@ -96,7 +90,7 @@ class SFTData:
                 self.vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (the 3 special tokens and the 256 "
                              f"bytes of the byte-level tokenizer), got {self.vocab_size!r}")
-        _check_int(self, "model_seed", 0)
+        check_int(self, "model_seed", 0)
         _check_device(self.device)
 
 
@@ -121,7 +115,7 @@ class RMData:
         _required(self, "model")
         if not (self.comparisons or self.rankings):
             raise ValueError("--comparisons or --rankings (or both) is required")
-        _check_int(self, "model_seed", 0)
+        check_int(self, "model_seed", 0)
         _check_device(self.device)
 
 
@@ -147,7 +141,7 @@ class PPOData:
 
     def __post_init__(self):
         _required(self, "policy", "reward_model", "prompts")
-        _check_int(self, "ptx_max_length", 2)
+        check_int(self, "ptx_max_length", 2)
         if self.ptx_length_policy not in LENGTH_POLICIES:
             raise ValueError(f"ptx_length_policy must be one of {LENGTH_POLICIES}, got {self.ptx_length_policy!r}")
         if self.gold_judge and not self.eval_prompts:
@@ -172,9 +166,9 @@ class EvalOptions:
 
     def __post_init__(self):
         _required(self, "policy_a", "policy_b", "prompts", "judge")
-        _check_int(self, "max_new_tokens", 1)
-        _check_int(self, "seed", 0)
-        _check_int(self, "batch_size", 1)
+        check_int(self, "max_new_tokens", 1)
+        check_int(self, "seed", 0)
+        check_int(self, "batch_size", 1)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
                 not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")

@@ -358,7 +358,8 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
     if checkpoint is not None:
         with warnings.catch_warnings(record=True) as caught:  # what the resumed run changes: into the log
             warnings.simplefilter("always")
-            start = engine.load(checkpoint)["iteration"]  # the configured learning rates and KL settings apply
+            # resume_point verified the checkpoint's files; the configured learning rates and KL settings apply
+            start = engine.load(checkpoint, verify=False)["iteration"]
         for warning in caught:
             run.log(f"{stage}: {warning.message}")
     batches = prompt_batches(len(prompt_ids), batch, engine.config.seed, start=start * batch)

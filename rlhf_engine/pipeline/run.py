@@ -71,6 +71,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_engine import distributed
 from rlhf_engine.checkpoint import LATEST, latest_checkpoint
 from rlhf_engine.models.builders import SIZES, build_policy
+from rlhf_engine.models.loading import load_pretrained
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.config import CONFIG_FILE
@@ -603,12 +604,6 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
 # -- the sft, rm and eval commands ----------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# What each loader refuses by the folder's config.json architectures, before loading any weights.
-_OTHER_KIND = {AutoModelForCausalLM: (("ForSequenceClassification",), "a reward model", "language-model"),
-               AutoModelForSequenceClassification: (("ForCausalLM", "LMHeadModel"), "a causal language model",
-                                                    "score")}
-
-
 def load_causal_lm(spec: str, *, texts=(), vocab_size: int = 450, seed: int = 0, role: str = "model"):
     """``(model, tokenizer)``: a HuggingFace causal LM folder ``spec`` (float32),
     or a new Llama of size ``spec`` (``tiny``/``small``) with a byte-level
@@ -660,30 +655,13 @@ def check_same_tokenizer(tokenizer, role: str, path: str, other_role: str, other
 
 
 def _load_model(auto_class, path: str, role: str, **kwargs):
-    """``auto_class.from_pretrained(path)`` in float32, refusing a folder
-    whose weights would leave part of the model freshly initialised."""
+    """:func:`~rlhf_engine.models.loading.load_pretrained` of an existing
+    folder, its refusals as one-line usage errors."""
     check_folder(path, role)
-    suffixes, kind, head = _OTHER_KIND[auto_class]
-    architectures = _architectures(path)
-    other = [name for name in architectures if name.endswith(suffixes)]
-    if other:
-        raise UsageError(f"{role} {path} holds {kind} ({other[0]}): its {head} head would be freshly initialised "
-                         f"(folders swapped?)")
-    model, info = auto_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
-    missing = sorted(info["missing_keys"])
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UsageError(f"{role} {path} ({', '.join(architectures) or 'no architectures in config.json'}) lacks "
-                         f"weights of {type(model).__name__}: {shown} would be freshly initialised")
-    return model
-
-
-def _architectures(path: str):
     try:
-        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []  # from_pretrained says what is wrong with it
-    return list(config.get("architectures") or [])
+        return load_pretrained(auto_class, path, role, **kwargs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_folder(path: str, role: str = "model") -> None:

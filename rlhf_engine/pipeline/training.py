@@ -31,7 +31,7 @@ import torch
 from rlhf_engine import distributed
 from rlhf_engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_engine.optim import adamw, lr_factor, set_peak_lrs, trainable_parameters
-from rlhf_engine.options import option
+from rlhf_engine.options import check_int, option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.data import LENGTH_POLICIES, encode_record, fit_examples
 
@@ -69,9 +69,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length"):
-            _check_int(self, name, 2 if name == "max_length" else 1)
+            check_int(self, name, 2 if name == "max_length" else 1)
         for name in ("max_steps", "eval_every", "save_every", "seed"):
-            _check_int(self, name, 0)
+            check_int(self, name, 0)
         for name in ("lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -106,12 +106,6 @@ class SaveClock:
 
     def saved(self) -> None:
         self.last = time.monotonic()
-
-
-def _check_int(config, name, minimum):
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # -- the training loop shared by the stages -----------------------------------------------
@@ -226,8 +220,9 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     ``config.save_every_minutes`` after the last save (every rank decides
     alike), before the last step, and when the loop is stopped; every rank
     writes its shards. ``resume``: True continues from the latest
-    checkpoint there, a checkpoint folder from that one (saved at any world
-    size): its weights, its step, the mini-batches an uninterrupted run
+    checkpoint there, a checkpoint folder from that one, as chosen by
+    :func:`~rlhf_engine.checkpoint.latest_checkpoint` (its files verified:
+    they are not hashed again) (saved at any world size): its weights, its step, the mini-batches an uninterrupted run
     would have drawn; the learning-rate schedule is this ``config``'s
     (``lr``, and the steps of ``max_steps``/``epochs``), which must leave
     steps to run.
@@ -262,7 +257,8 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     else:
         latest = Path(resume) if resume else None
     if latest is not None:
-        tensors, objects = load_checkpoint(latest, _state_dicts(model, optimizer))
+        # latest_checkpoint, here or the caller's, verified its files
+        tensors, objects = load_checkpoint(latest, _state_dicts(model, optimizer), verify=False)
         _load_state_dicts(model, optimizer, tensors)
         state = objects["loop"]
         scheduler.load_state_dict(state["scheduler"])
