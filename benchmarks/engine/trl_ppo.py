@@ -30,16 +30,10 @@ microseconds per call. ``peak_rss_mib`` is the process's VmHWM at the end
 (imports, model building, warm-up and measurement), as the engine's bench.
 
 Setup: ``scripts/trl_env.sh`` (default ``/tmp/trlvenv``) makes a separate
-venv that sees the project venv's torch / transformers through a ``.pth``
-file (the same builds) and adds TRL; nothing goes into ``.venv``. By hand::
-
-    /work/main/.venv/bin/python -m venv /tmp/trlvenv
-    echo /work/main/.venv/lib/python3.11/site-packages \\
-        > /tmp/trlvenv/lib/python3.11/site-packages/_rlhf_main_venv.pth
-    /tmp/trlvenv/bin/pip install --no-deps trl==0.25.0 accelerate==1.15.0 datasets==5.2.0 \\
-        psutil==7.2.2 pyarrow==26.0.1 dill==0.4.1 pandas==3.1.1 xxhash==4.1.0 multiprocess==0.70.19
-    /tmp/trlvenv/bin/pip check   # only torch's "setuptools>=77.0.3" note is expected
-
+venv that sees the project venv's packages (torch, transformers, accelerate,
+datasets, peft) through a ``.pth`` file (the same builds) and adds TRL 1.12,
+the last release with a PPO trainer (``trl.experimental.ppo``); nothing goes
+into ``.venv``.
 (``--no-deps``: pip must not replace the project venv's packages.) Both
 sides, one after the other, on the same machine in the same session, with
 the same thread count (each report's ``torch_threads`` says what ran)::
@@ -66,12 +60,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPOTrainer's "may move to trl.experimental" warning
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the warning on importing trl.experimental
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: rlhf_engine
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
+from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402  (TRL 1.12: the last release with it)
 from datasets import Dataset  # noqa: E402
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback  # noqa: E402
 
@@ -90,7 +85,7 @@ def prompt_ids(tokenizer, batches):
 def ppo_config(iterations, output_dir):
     """TRL's ``PPOConfig`` for the work, ``iterations`` iterations of 8 prompts."""
     cfg = ppo_work_config()
-    return trl.PPOConfig(
+    return PPOConfig(
         output_dir=output_dir, report_to="none", save_strategy="no", eval_strategy="no",
         num_sample_generations=0, disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
@@ -168,7 +163,7 @@ def run_trl_ppo_bench(size, iterations=3, warmup=1):
     recorder = WorkRecorder()
     # TRL prints progress to stdout; stdout is kept for the report.
     with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(sys.stderr):
-        trainer = trl.PPOTrainer(args=ppo_config(total, output_dir), processing_class=tokenizer, model=policy,
+        trainer = PPOTrainer(args=ppo_config(total, output_dir), processing_class=tokenizer, model=policy,
                                  ref_model=None, reward_model=reward, value_model=critic, train_dataset=dataset,
                                  callbacks=[recorder])
         for printer in (PrinterCallback, ProgressCallback):  # console output only
