@@ -33,9 +33,7 @@ Setup: ``scripts/trl_env.sh`` (default ``/tmp/trlvenv``) makes a separate
 venv that sees the project venv's packages (torch, transformers, accelerate,
 datasets, peft) through a ``.pth`` file (the same builds) and adds TRL 1.12,
 the last release with a PPO trainer (``trl.experimental.ppo``); nothing goes
-into ``.venv``.
-(``--no-deps``: pip must not replace the project venv's packages.) Both
-sides, one after the other, on the same machine in the same session, with
+into ``.venv``. Both sides, one after the other, on the same machine in the same session, with
 the same thread count (each report's ``torch_threads`` says what ran)::
 
     cd /work/main
