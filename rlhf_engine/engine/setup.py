@@ -6,6 +6,7 @@ import importlib.util
 import torch
 
 from rlhf_engine import distributed
+from rlhf_engine.models import lora
 
 # Config attributes under which another attention implementation computes a
 # different function (the eager path applies them, SDPA does not).
@@ -38,13 +39,20 @@ def frozen(model):
     return model
 
 
-def fingerprint(model):
+def fingerprint(model, frozen_only=False):
     """A float64 checksum of a model's full parameters (frozen models' are
-    checked on load; all of them agree across ranks at start); None for None."""
+    checked on load; all of them agree across ranks at start); None for None.
+    ``frozen_only``: of its parameters that do not train (a PEFT model's base
+    weights); a :class:`~rlhf_engine.models.lora.WithoutAdapters` view
+    gives its PEFT model's frozen ones."""
     if model is None:
         return None
+    if frozen_only or isinstance(model, lora.WithoutAdapters):
+        params = lora.frozen_parameters(model)
+    else:
+        params = list(model.parameters())
     with torch.no_grad():
-        return float(sum(distributed.local_value(p).double().abs().sum() for p in model.parameters()))
+        return float(sum(distributed.local_value(p).double().abs().sum() for p in params))
 
 
 def _vocabulary(model):

@@ -7,16 +7,20 @@ A checkpoint holds the trained models' and their optimizers' state dicts
 one exactly (``objects``): the iteration, the skipped updates, the config,
 the KL controller, the frozen models' fingerprints, the schedulers, the
 shuffling RNG and the caller's ``extra``."""
+import json
 import warnings
 from pathlib import Path
 
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from rlhf_engine.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from rlhf_engine.optim import set_peak_lrs
 
 CHECKPOINT_FORMAT = 2  # 2: trained state in torch.distributed.checkpoint format
+# The trained models' parameters that train: a LoRA model's adapters and heads, not its frozen base weights
+# (those are checked by fingerprint instead).
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 
 
 def collect(engine, extra=None):
@@ -27,7 +31,7 @@ def collect(engine, extra=None):
     tensors = {}
     for name, optimizer in engine.optimizers.items():
         model = engine._trained(name)
-        tensors[name] = get_model_state_dict(model)
+        tensors[name] = get_model_state_dict(model, options=TRAINED_ONLY)
         tensors[f"{name}_optim"] = get_optimizer_state_dict(model, optimizer)
     objects = {
         "format": CHECKPOINT_FORMAT, "iteration": engine.iteration, "skipped_updates": engine.skipped_updates,
@@ -41,7 +45,17 @@ def collect(engine, extra=None):
 def save(engine, directory, extra=None, keep=2):
     """Write ``engine``'s checkpoint atomically under ``directory``; returns its path."""
     tensors, objects = collect(engine, extra)
-    return save_checkpoint(directory, engine.iteration, tensors, objects, keep=keep)  # names a failed rank
+    path = save_checkpoint(directory, engine.iteration, tensors, objects, keep=keep)  # names a failed rank
+    engine.checkpoint_bytes = checkpoint_bytes(path)
+    return path
+
+
+def checkpoint_bytes(path):
+    """The size in bytes of the checkpoint folder ``path``: its files, as its
+    manifest lists them (under LoRA: adapters, heads and their optimizer
+    states only)."""
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    return sum(int(entry["size"]) if isinstance(entry, dict) else int(entry) for entry in manifest["files"].values())
 
 
 def load(engine, directory, verify=True):
@@ -66,7 +80,7 @@ def load(engine, directory, verify=True):
                              f"(checksum {now!r} vs {saved!r}); build the engine with the same frozen models")
     for name, optimizer in engine.optimizers.items():
         model = engine._trained(name)
-        set_model_state_dict(model, tensors[name])
+        set_model_state_dict(model, tensors[name], options=StateDictOptions(ignore_frozen_params=True, strict=False))
         set_optimizer_state_dict(model, optimizer, tensors[f"{name}_optim"])
         engine.schedulers[name].load_state_dict(objects["schedulers"][name])
     # The configured learning rates apply from the resumed step on, not the checkpoint's (the same

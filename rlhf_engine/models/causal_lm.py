@@ -37,6 +37,7 @@ from torch import nn
 from rlhf_engine import ops as _ops
 from rlhf_engine.distributed import call_as_forward
 from rlhf_engine.models.last_layer import last_hidden
+from rlhf_engine.models.lora import WithoutAdapters, adapters_context, base_model_of, is_adapter_layer
 
 # Final logit scaling of the transformers families that apply one, keyed by
 # ``config.model_type`` (checked against transformers 5.17's modeling code):
@@ -108,8 +109,11 @@ def positions_from_mask(attention_mask):
 
 
 def _body(model):
-    body = model.base_model
-    return None if body is model else body
+    """The body (embeddings, blocks, final norm) of the HuggingFace model
+    ``model`` (under a PEFT wrapper: of the model it wraps, LoRA layers
+    included), None when it has no separate one."""
+    body = getattr(model, "base_model", None)
+    return None if body is model or not isinstance(body, nn.Module) else body
 
 
 def _check(input_ids, attention_mask, score_mask, position_ids, temperature):
@@ -136,7 +140,9 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     """Log-probabilities of the scored tokens of ``input_ids`` under ``model``.
 
     Args:
-        model: a HuggingFace causal LM (``...ForCausalLM`` / ``...LMHeadModel``).
+        model: a HuggingFace causal LM (``...ForCausalLM`` / ``...LMHeadModel``),
+            a PEFT model of one, or a :class:`~rlhf_engine.models.lora.WithoutAdapters`
+            view of one (scored with its adapters disabled).
         input_ids: ``[B, T]`` int token ids (prompt and response, any padding).
         attention_mask: ``[B, T]`` 0/1 (or bool), passed to the model as is;
             ``None`` means no padding.
@@ -168,18 +174,21 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
     labels = input_ids[rows_b, rows_t].long()
     model_kwargs = model_inputs(input_ids, attention_mask, position_ids, drop_last=True)
 
-    head, reason = linear_head(model)
-    body = _body(model) if head is not None else None
+    hf_model = base_model_of(model)  # a PEFT wrapper's model: its body and head, adapters in them
+    head, reason = linear_head(hf_model)
+    if head is None and is_adapter_layer(hf_model.get_output_embeddings()):
+        reason = "the output head carries LoRA adapters (lm_head is a lora_target_modules entry)"
+    body = _body(hf_model) if head is not None else None
     if head is not None and body is None:
-        head, reason = None, f"{type(model).__name__} has no separate body module"
+        head, reason = None, f"{type(hf_model).__name__} has no separate body module"
 
     # The body's last layer runs from the first position that predicts a target on.
     first = int(rows_t.min()) - 1 if labels.numel() else 0
 
     def body_then_head():  # None when the body's output does not fit the head
         hidden, offset = last_hidden(body, model_kwargs, first)
-        current = linear_head(model)[0]  # read now: FSDP2 swaps in the gathered weight during the forward
-        if hidden.shape[-1] != current.weight.shape[1]:
+        current = linear_head(hf_model)[0]  # read now: FSDP2 swaps in the gathered weight during the forward
+        if hidden is None or hidden.shape[-1] != current.weight.shape[1]:
             return None
         rows = hidden[rows_b, rows_t - 1 - offset]
         if labels.numel() == 0:
@@ -188,17 +197,19 @@ def causal_lm_logprobs(model, input_ids, attention_mask, score_mask, *, temperat
                                           temperature=temperature / current.scale, return_entropy=return_entropy,
                                           chunk_size=chunk_size, backend=backend)
 
-    out = None if head is None else call_as_forward(model, body_then_head)
-    if head is not None and out is None:
-        reason = "the body's hidden size does not match the head's"
-    if out is None:
-        if model not in _warned:
-            _warned.add(model)
-            warnings.warn(f"causal_lm_logprobs: {type(model).__name__} takes the full-logits path "
-                          f"({reason}); its [B, T, V] logits are materialized", stacklevel=2)
-        rows = model(**model_kwargs).logits[rows_b, rows_t - 1]
-        out = _empty(rows, return_entropy) if labels.numel() == 0 else _ops.token_logprobs(
-            rows, labels, temperature=temperature, return_entropy=return_entropy, backend=backend)
+    with adapters_context(model):  # a WithoutAdapters view: its PEFT model with the adapters off
+        out = None if head is None else call_as_forward(model, body_then_head)
+        if head is not None and out is None:
+            reason = "the body returns no last_hidden_state of the head's width"
+        if out is None:
+            if model not in _warned:
+                _warned.add(model)
+                warnings.warn(f"causal_lm_logprobs: {type(model).__name__} takes the full-logits path "
+                              f"({reason}); its [B, T, V] logits are materialized", stacklevel=2)
+            forward = hf_model if isinstance(model, WithoutAdapters) else model
+            rows = forward(**model_kwargs).logits[rows_b, rows_t - 1]
+            out = _empty(rows, return_entropy) if labels.numel() == 0 else _ops.token_logprobs(
+                rows, labels, temperature=temperature, return_entropy=return_entropy, backend=backend)
     outs = out if return_entropy else (out,)
     scattered = tuple(_scatter(v, rows_b, rows_t, batch, seq) for v in outs)
     return scattered if return_entropy else scattered[0]

@@ -20,20 +20,26 @@ from transformers import AutoModelForSequenceClassification
 from rlhf_engine.distributed import call_as_forward
 from rlhf_engine.models.last_layer import last_hidden
 from rlhf_engine.models.causal_lm import model_inputs
+from rlhf_engine.models.lora import adapters_context, base_model_of, is_adapter_layer, merged_copy
 
 
 def scalar_head(model):
     """``(body, head)`` of a HF seq-cls model with a one-output ``score``
-    ``nn.Linear``, or ``None`` for any other module.
+    ``nn.Linear``, or ``None`` for any other module. Under a PEFT wrapper
+    (or its :class:`~rlhf_engine.models.lora.WithoutAdapters` view), the
+    wrapped model's: LoRA layers in the body, ``head`` peft's wrapper of
+    ``score`` (the trained copy, or the original with adapters disabled).
 
     Raises:
         ValueError: ``model.score`` is linear but has more than one output.
     """
+    model = base_model_of(model)
     head = getattr(model, "score", None)
+    linear = getattr(head, "original_module", head) if is_adapter_layer(head) else head
     body = getattr(model, "base_model", model)
-    if not isinstance(head, nn.Linear) or not isinstance(body, nn.Module) or body is model:
+    if not isinstance(linear, nn.Linear) or not isinstance(body, nn.Module) or body is model:
         return None
-    if head.out_features != 1:
+    if linear.out_features != 1:
         raise ValueError(f"model.score has {head.out_features} outputs; a scalar head needs num_labels=1")
     return body, head
 
@@ -123,7 +129,8 @@ def sequence_scores(model, input_ids, attention_mask, position_ids=None):
             rows = hidden[torch.arange(batch, device=hidden.device), last - offset]
         return head(rows).squeeze(-1).float() - score_offset(model)
 
-    return call_as_forward(model, scores)
+    with adapters_context(model):
+        return call_as_forward(model, scores)
 
 
 def _generic_scores(model, input_ids, attention_mask, batch):
@@ -180,7 +187,8 @@ def token_values(model, input_ids, attention_mask, position_ids=None, *, from_po
         out = head(hidden[:, :seq - 1 - offset]).squeeze(-1).float() - score_offset(model)
         return nn.functional.pad(out, (offset + 1, 0))
 
-    return call_as_forward(model, values)
+    with adapters_context(model):
+        return call_as_forward(model, values)
 
 
 def critic_from(model, *, head_init="zero", seed=0):
@@ -203,8 +211,8 @@ def critic_from(model, *, head_init="zero", seed=0):
         raise ValueError(f"head_init must be 'zero' or 'normal', got {head_init!r}")
     if scalar_head(model) is not None:
         critic = copy.deepcopy(model)
-    else:
-        critic = _seq_cls_from_causal_lm(model, head_init, seed)
+    else:  # a PEFT causal LM: its body with the adapters merged in
+        critic = _seq_cls_from_causal_lm(merged_copy(model), head_init, seed)
     return critic.requires_grad_(True).train(model.training)
 
 

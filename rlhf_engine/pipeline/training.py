@@ -30,6 +30,7 @@ import torch
 
 from rlhf_engine import distributed
 from rlhf_engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_engine.models.lora import LoraOptions, is_peft, refuse_distributed
 from rlhf_engine.optim import adamw, lr_factor, set_peak_lrs, trainable_parameters
 from rlhf_engine.options import check_int, option
 from rlhf_engine.pipeline import batching
@@ -37,9 +38,11 @@ from rlhf_engine.pipeline.data import LENGTH_POLICIES, encode_record, fit_exampl
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(LoraOptions):
     """What the SFT and reward-model stages share; batch sizes count
-    examples (a comparison or a whole ranking is one example)."""
+    examples (a comparison or a whole ranking is one example). With
+    ``lora_r > 0`` (:class:`~rlhf_engine.models.lora.LoraOptions`) the stage
+    trains LoRA adapters (and a reward model's head) on its model."""
 
     epochs: int = option(1, "Passes over the training examples (ignored when max_steps > 0).")
     max_steps: int = option(0, "When > 0, train exactly this many optimizer steps, reshuffling after each pass.")
@@ -85,6 +88,7 @@ class TrainConfig:
         if self.length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {self.length_policy!r}")
         check_minutes(self.save_every_minutes)
+        self.check_lora()
 
 
 def check_minutes(value, name: str = "save_every_minutes") -> None:
@@ -174,16 +178,20 @@ def evaluate_sums(batches: Sequence[Sequence], measure: Callable[[Sequence], Seq
 
 
 def _state_dicts(model, optimizer) -> Dict[str, dict]:
-    """The model's and optimizer's state dicts (DTensor leaves when sharded), as checkpoint tensors."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    """The model's and optimizer's state dicts (DTensor leaves when sharded), as checkpoint tensors: the
+    parameters that train only (a LoRA model's adapters and heads, not its frozen base weights)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
 def _load_state_dicts(model, optimizer, tensors: Dict[str, dict]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    set_model_state_dict(model, tensors["model"])
+    set_model_state_dict(model, tensors["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     optimizer.zero_grad(set_to_none=True)
 
@@ -235,6 +243,11 @@ def train_loop(model, config: TrainConfig, num_examples: int, step: Callable[[Li
     """
     where = distributed.layout()
     check_world_size(config, where)
+    if getattr(config, "lora", False) and not is_peft(model):
+        raise ValueError(f"lora_r={config.lora_r} but the model has no LoRA adapters: wrap it first with "
+                         f"rlhf_engine.models.lora.with_adapters(model, config.lora_options()) (train_stage does)")
+    if is_peft(model):
+        refuse_distributed(where.world_size)
     if where.distributed:
         distributed.shard(model, where, model_device(model))
     device = model_device(model)

@@ -83,6 +83,10 @@ OTHER_PROBES = {
     "offload_policy": ["", "reward=all,ref=score+learn", "critic_optim=all", "bogus=all", "policy=none",
                        "reward", "ref=sometimes", "reward=all,reward=all"],
     "profile_dir": [None, TMP],
+    "lora_r": [0, 2, -1, 1.5, True, None],
+    "lora_alpha": [16.0, 0.0, -1.0, float("nan")],
+    "lora_dropout": [0.0, 0.1, 1.0, -0.1],
+    "lora_target_modules": ["auto", "q_proj,v_proj", "q_proj,,v_proj", 7],
 }
 
 # Numeric fields that only act together with another setting: swept with it on (else a value of theirs
