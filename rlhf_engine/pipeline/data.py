@@ -1,5 +1,6 @@
-"""The pipeline's data: JSONL record formats, their validation, tokenisation
-and the over-long-sample policy.
+"""The pipeline's data: record formats, their validation, tokenisation
+and the over-long-sample policy (other sources than JSONL, and the shapes
+of TRL's datasets: :mod:`rlhf_engine.pipeline.sources`).
 
 One JSON object per line; blank lines are skipped; keys other than the ones
 below are ignored (ids, metadata). Text fields must be non-empty after
@@ -25,36 +26,52 @@ Examples::
     {"prompt": "sort: cab", "responses": ["abc", "acb", "cab"]}
     {"prompt": "upper: bad"}
 
+Conversations: the prompt of a demonstration, a comparison or a prompt
+record may instead be a conversation, a list of ``{"role", "content"}``
+messages (non-empty strings; other keys are kept for the chat template)
+whose last message is not the assistant's; the responses are then
+conversations too, each starting and ending with an assistant message
+(several assistant turns: a multi-turn demonstration, SFT training on the
+assistant turns only). A demonstration whose prompt is None is plain text
+(language modelling on all of ``response``). Rankings take strings only.
+
 Bad data raises :class:`DataError`, whose message names the file, the
-1-based line and the field, never an exception from deep inside a stage.
+1-based line (or the 0-based row of a dataset without lines) and the field,
+never an exception from deep inside a stage.
 """
 import dataclasses
 import json
 import math
 import os
 import tempfile
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from rlhf_engine.models.prompts import PLAIN_SEPARATOR, encode_prompt  # noqa: F401 (the prompt format)
+from rlhf_engine.models.prompts import (ASSISTANT, PLAIN_SEPARATOR, encode_conversation,  # noqa: F401
+                                        encode_prompt)
 
 LENGTH_POLICIES = ("truncate", "drop")
 
 
 class DataError(ValueError):
-    """Invalid data: ``problem`` at ``path``, 1-based ``line``, ``field``.
+    """Invalid data: ``problem`` at ``path``, 1-based ``line`` (or 0-based
+    ``row`` of a dataset without lines), ``field``.
 
     ``path`` and ``line`` are None for a record built in code, ``line`` for a
     whole-file problem (unreadable, empty), ``field`` for a problem with the
     whole line (invalid JSON, not an object). A list element's field reads
-    ``responses[2]``.
+    ``responses[2]``, a message's ``messages[1].content``.
     """
 
     def __init__(self, problem: str, path: Optional[str] = None, line: Optional[int] = None,
-                 field: Optional[str] = None):
-        self.problem, self.path, self.line, self.field = problem, path, line, field
+                 field: Optional[str] = None, row: Optional[int] = None):
+        self.problem, self.path, self.line, self.field, self.row = problem, path, line, field, row
         where = [part for part in (path, None if line is None else f"line {line}",
+                                   None if row is None else f"row {row}",
                                    None if field is None else f"field '{field}'") if part]
         super().__init__(": ".join([", ".join(where), problem]) if where else problem)
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.path, self.line, self.field, self.row)
 
 
 class LengthPolicyError(DataError):
@@ -92,16 +109,77 @@ def _check_text(value, field: str) -> None:
         raise DataError("is empty", field=field)
 
 
+Message = Dict[str, str]
+Conversation = List[Message]
+Text = Union[str, Conversation]
+
+
+def check_conversation(value, field: str) -> None:
+    """A non-empty list of messages: objects with non-empty string ``role`` and ``content``."""
+    if not value:
+        raise DataError("is an empty conversation", field=field)
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(f"expected a message (an object with 'role' and 'content'), got "
+                            f"{_type_name(message)}", field=f"{field}[{i}]")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError("is missing", field=f"{field}[{i}].{key}")
+            _check_text(message[key], f"{field}[{i}].{key}")
+
+
+def _check_prompt(value, field: str = "prompt") -> bool:
+    """Check a prompt: a string or a conversation not ending with the
+    assistant's message. True when it is a conversation."""
+    if isinstance(value, list):
+        check_conversation(value, field)
+        if value[-1]["role"] == ASSISTANT:
+            raise DataError("ends with an assistant message: a prompt's last message is the one answered",
+                            field=f"{field}[{len(value) - 1}].role")
+        return True
+    _check_text(value, field)
+    return False
+
+
+def _check_response(value, conversational: bool, field: str) -> None:
+    """A response: a string after a string prompt, else a conversation that
+    starts and ends with an assistant message."""
+    if not conversational:
+        if isinstance(value, list):
+            raise DataError("expected a string, got a list (the prompt is a string, so the responses are too)",
+                            field=field)
+        _check_text(value, field)
+        return
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of messages (the prompt is a conversation), got {_type_name(value)}",
+                        field=field)
+    check_conversation(value, field)
+    for end in {0, len(value) - 1}:
+        if value[end]["role"] != ASSISTANT:
+            raise DataError(f"must be the assistant's (a response {'starts' if end == 0 else 'ends'} with an "
+                            f"assistant message), got {value[end]['role']!r}", field=f"{field}[{end}].role")
+
+
+def _same(a: Text, b: Text) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    return a == b
+
+
 @dataclasses.dataclass(frozen=True)
 class Demonstration:
-    """A prompt and the response to imitate (SFT)."""
+    """A prompt and the response to imitate (SFT): strings, conversations
+    (the response's assistant turns are trained on), or ``prompt`` None and
+    a text ``response`` (language modelling on all of it)."""
 
-    prompt: str
-    response: str
+    prompt: Optional[Text]
+    response: Text
 
     def __post_init__(self):
-        _check_text(self.prompt, "prompt")
-        _check_text(self.response, "response")
+        if self.prompt is None:
+            _check_response(self.response, False, "response")
+        else:
+            _check_response(self.response, _check_prompt(self.prompt), "response")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +190,16 @@ class Comparison:
     the Bradley-Terry loss with a margin.
     """
 
-    prompt: str
-    chosen: str
-    rejected: str
+    prompt: Text
+    chosen: Text
+    rejected: Text
     margin: Optional[float] = None
 
     def __post_init__(self):
-        _check_text(self.prompt, "prompt")
-        _check_text(self.chosen, "chosen")
-        _check_text(self.rejected, "rejected")
-        if self.chosen.strip() == self.rejected.strip():
+        conversational = _check_prompt(self.prompt)
+        _check_response(self.chosen, conversational, "chosen")
+        _check_response(self.rejected, conversational, "rejected")
+        if _same(self.chosen, self.rejected):
             raise DataError("is identical to 'chosen'", field="rejected")
         if self.margin is not None:
             if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)):
@@ -154,12 +232,12 @@ class Ranking:
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """A prompt alone (PPO rollouts, evaluation)."""
+    """A prompt alone (PPO rollouts, evaluation): a string or a conversation."""
 
-    prompt: str
+    prompt: Text
 
     def __post_init__(self):
-        _check_text(self.prompt, "prompt")
+        _check_prompt(self.prompt)
 
 
 Record = Union[Demonstration, Comparison, Ranking, Prompt]
@@ -173,13 +251,18 @@ def _check_kind(kind: str) -> type:
     return KINDS[kind]
 
 
-def _parse_line(text: str, cls: type) -> Record:
+def _parse_line(text: str, build: Callable[[dict], Record]) -> Record:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {_type_name(obj)}")
+    return build(obj)
+
+
+def record_from_object(obj: dict, cls: type) -> Record:
+    """The ``cls`` record of a JSON object with the record's own field names."""
     values = {}
     for field in dataclasses.fields(cls):
         optional = field.default is not dataclasses.MISSING
@@ -190,16 +273,21 @@ def _parse_line(text: str, cls: type) -> Record:
     return cls(**values)
 
 
-def read_jsonl(path, kind: str, check: Optional[Callable[[Record], None]] = None) -> List[Record]:
+def read_jsonl(path, kind: str, check: Optional[Callable[[Record], None]] = None, *,
+               build: Optional[Callable[[dict], Record]] = None) -> List[Record]:
     """Read and validate a JSONL file of ``kind`` records (see the module doc).
 
     ``check(record)``: a further rule of the caller's, raising
     :class:`DataError` (its ``field``; the file and line are added).
+    ``build(obj)``: the record of a line's JSON object (default: the
+    object's fields are the record's, :func:`record_from_object`), raising
+    :class:`DataError`.
 
     Raises :class:`DataError` naming the file, line and field of the first
     bad record, or the file when it cannot be read or holds no record.
     """
     cls = _check_kind(kind)
+    build = build or (lambda obj: record_from_object(obj, cls))
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -211,7 +299,7 @@ def read_jsonl(path, kind: str, check: Optional[Callable[[Record], None]] = None
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             if text.strip():
-                records.append(_parse_line(text, cls))
+                records.append(_parse_line(text, build))
                 if check is not None:
                     check(records[-1])
         except UnicodeDecodeError as exc:
@@ -221,6 +309,24 @@ def read_jsonl(path, kind: str, check: Optional[Callable[[Record], None]] = None
     if not records:
         raise DataError(f"holds no {kind} (the file is empty)", path=path)
     return records
+
+
+def record_texts(record: Record) -> List[str]:
+    """Every string of a record (prompt, responses, message contents): what
+    a new tokenizer learns from."""
+    texts = []
+
+    def add(value):
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                add(item["content"] if isinstance(item, dict) else item)
+
+    for field in dataclasses.fields(record):
+        if field.name != "margin":
+            add(getattr(record, field.name))
+    return texts
 
 
 def _to_json(record: Record) -> dict:
@@ -275,10 +381,30 @@ def _encode_response(tokenizer, response: str) -> List[int]:
     return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> Tuple[List[int], List[int]]:
+def encode_pair(tokenizer, prompt: Text, response: str) -> Tuple[List[int], List[int]]:
     """``(prompt_ids, response_ids)``: :func:`encode_prompt`, and the
-    response's tokens followed by EOS."""
+    response's tokens followed by EOS; after a conversation, the response
+    is its next assistant message (:func:`encode_conversation`)."""
+    if isinstance(prompt, list):
+        prompt_ids, response_ids, _ = _encode_turns(tokenizer, prompt, [{"role": ASSISTANT, "content": response}])
+        return prompt_ids, response_ids
     return encode_prompt(tokenizer, prompt), _encode_response(tokenizer, response)
+
+
+def _encode_turns(tokenizer, prompt: Conversation, response: Conversation):
+    try:
+        return encode_conversation(tokenizer, list(prompt) + list(response), len(prompt))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _encode_text(tokenizer, text: str) -> Tuple[List[int], List[int]]:
+    """A plain text (no prompt): ``([bos], text + eos)``, or without a BOS
+    its first token as the context of the rest."""
+    ids = _encode_response(tokenizer, text)
+    if tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id], ids
+    return ids[:1], ids[1:]
 
 
 class Encoded(NamedTuple):
@@ -286,15 +412,18 @@ class Encoded(NamedTuple):
 
     ``responses``: ``[response]`` for a Demonstration, ``[chosen, rejected]``
     for a Comparison, the K responses best first for a Ranking, ``[]`` for a
-    Prompt.
+    Prompt. ``masks``: None when every response token is a target, else one
+    list of bools per response (True: a target, the assistant's tokens of a
+    multi-turn conversation).
     """
 
     record: Record
     prompt_ids: List[int]
     responses: List[List[int]]
+    masks: Optional[List[List[bool]]] = None
 
 
-def _response_texts(record: Record) -> List[str]:
+def _response_texts(record: Record) -> List[Text]:
     if isinstance(record, Demonstration):
         return [record.response]
     if isinstance(record, Comparison):
@@ -308,10 +437,24 @@ def _response_texts(record: Record) -> List[str]:
 
 
 def encode_record(tokenizer, record: Record) -> Encoded:
-    """Tokenise any record (see :class:`Encoded` for the responses' order)."""
+    """Tokenise any record (see :class:`Encoded` for the responses' order):
+    string records as :func:`encode_pair`, conversations by
+    :func:`encode_conversation` (the masks mark their assistant turns),
+    plain text as ``<bos>`` + text + ``<eos>`` with every token after
+    ``<bos>`` a target."""
     texts = _response_texts(record)
-    return Encoded(record, encode_prompt(tokenizer, record.prompt),
-                   [_encode_response(tokenizer, text) for text in texts])
+    if record.prompt is None:
+        prompt_ids, response = _encode_text(tokenizer, texts[0])
+        return Encoded(record, prompt_ids, [response])
+    if not isinstance(record.prompt, list):
+        return Encoded(record, encode_prompt(tokenizer, record.prompt),
+                       [_encode_response(tokenizer, text) for text in texts])
+    if not texts:
+        return Encoded(record, encode_prompt(tokenizer, record.prompt), [])
+    turns = [_encode_turns(tokenizer, record.prompt, text) for text in texts]
+    masks = [mask for _, _, mask in turns]
+    return Encoded(record, turns[0][0], [ids for _, ids, _ in turns],
+                   None if all(all(mask) for mask in masks) else masks)
 
 
 # -- over-long samples ----------------------------------------------------------
@@ -396,7 +539,9 @@ def fit_examples(examples: Sequence[Encoded], max_length: int, policy: str, *,
         if len(prompt_ids) != len(example.prompt_ids) or any(
                 len(new) != len(old) for new, old in zip(responses, example.responses)):
             truncated += 1
-        kept.append(Encoded(example.record, prompt_ids, responses))
+        masks = None if example.masks is None else [
+            list(mask[:len(response)]) for mask, response in zip(example.masks, responses)]
+        kept.append(Encoded(example.record, prompt_ids, responses, masks))
     if examples and not kept:
         raise LengthPolicyError(len(examples), max_length, option_prefix)
     return kept, LengthReport(kept=len(kept), truncated=truncated, dropped=len(examples) - len(kept))

@@ -31,9 +31,10 @@ from rlhf_engine import distributed
 from rlhf_engine.engine.rollout import SamplingParams, sample
 from rlhf_engine.models.prompts import left_pad
 from rlhf_engine.pipeline import task
-from rlhf_engine.pipeline.data import encode_pair, encode_prompt, read_jsonl
+from rlhf_engine.pipeline.data import encode_pair, encode_prompt
 from rlhf_engine.pipeline.reward import score_rows
 from rlhf_engine.pipeline.run import Run, check_same_tokenizer, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_engine.pipeline.sources import load_records
 from rlhf_engine.pipeline.vocab import tokenizer_key
 
 Judge = Callable[[Sequence[str], Sequence[str]], List[float]]
@@ -50,6 +51,12 @@ def _check_batch_size(batch_size):
 def _check_texts(name, texts):
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{name} must be a list of strings")
+
+
+def _check_prompts(prompts):
+    """Prompts are strings or conversations (lists of messages)."""
+    if isinstance(prompts, str) or not all(isinstance(p, (str, list)) for p in prompts):
+        raise ValueError("prompts must be a list of prompts (strings or lists of messages)")
 
 
 def map_batches(fn: Callable[[Sequence, int], list], items: Sequence, batch_size: int, seed: int = 0) -> list:
@@ -137,7 +144,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     each batch with its own seed drawn from ``seed`` (:func:`map_batches`:
     spread over the ranks; a sharded ``model`` is held unsharded meanwhile).
     """
-    _check_texts("prompts", prompts)
+    _check_prompts(prompts)
     _check_batch_size(batch_size)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad_token_id")
@@ -153,8 +160,9 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
 
 
 def judge_gold(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
-    """The built-in task's gold score (in [0, 1]) of each response."""
+    """The built-in task's gold score (in [0, 1]) of each response (string prompts only)."""
     _check_pairs(prompts, responses)
+    _check_texts("prompts", prompts)
     return [task.gold_score(p, r) for p, r in zip(prompts, responses)]
 
 
@@ -192,7 +200,7 @@ def judge_reward_model(model, tokenizer, prompts: Sequence[str], responses: Sequ
 
 
 def _check_pairs(prompts, responses):
-    _check_texts("prompts", prompts)
+    _check_prompts(prompts)
     _check_texts("responses", responses)
     if len(prompts) != len(responses):
         raise ValueError(f"responses has {len(responses)} entries for {len(prompts)} prompts")
@@ -269,7 +277,8 @@ def run_eval_command(run: Run, options) -> Dict:
     on the prompts, judged by the gold judge or a reward model; every
     response and score goes to ``eval/responses.jsonl``. Under
     torch.distributed the sampling batches are spread over the ranks."""
-    prompts = [record.prompt for record in read_jsonl(options.prompts, "prompts")]
+    prompts = [record.prompt for record in load_records(options.prompts, "prompts", split=options.split,
+                                                        columns=options.columns)]
     tokenizer = load_tokenizer(options.policy_a, role="--policy_a")
     # both policies are sampled with policy_a's tokenizer; a judge with its own tokenizer scores the text
     check_same_tokenizer(tokenizer, "--policy_a", options.policy_a, "--policy_b", options.policy_b)

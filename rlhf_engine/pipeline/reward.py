@@ -36,8 +36,9 @@ from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm, score_o
 from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.config import check_rm_command
-from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking, read_jsonl
+from rlhf_engine.pipeline.data import Comparison, Demonstration, Encoded, Ranking
 from rlhf_engine.pipeline.run import Run, UsageError, check_folder, load_causal_lm, train_stage
+from rlhf_engine.pipeline.sources import load_records
 from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, prepare_examples,
                                           split_and_prepare, total_steps, train_loop)
 
@@ -297,15 +298,18 @@ def run_rm_command(run: Run, data, config) -> Dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    def read(path, kind):
+        return load_records(path, kind, split=data.split, columns=data.columns)
+
     def records(comparisons, rankings):
-        found = read_jsonl(comparisons, "comparisons") if comparisons else []
-        return found + (read_jsonl(rankings, "rankings") if rankings else [])
+        found = read(comparisons, "comparisons") if comparisons else []
+        return found + (read(rankings, "rankings") if rankings else [])
 
     train = records(data.comparisons, data.rankings)
     held = records(data.eval_comparisons, data.eval_rankings) or None
     demonstrations = None
     if config.normalize_rewards:
-        demonstrations = read_jsonl(data.demonstrations, "demonstrations")
+        demonstrations = read(data.demonstrations, "demonstrations")
         if not demonstrations:
             raise UsageError(f"--demonstrations {data.demonstrations} holds no demonstrations")
     check_folder(data.model, "--model")  # not a size: the reward model starts from an SFT model

@@ -16,8 +16,9 @@ import torch
 from rlhf_engine.models import causal_lm_logprobs
 from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
-from rlhf_engine.pipeline.data import Demonstration, read_jsonl
+from rlhf_engine.pipeline.data import Demonstration, Encoded, record_texts
 from rlhf_engine.pipeline.run import Run, load_causal_lm, train_stage
+from rlhf_engine.pipeline.sources import load_records
 from rlhf_engine.pipeline.training import (StepOutput, TrainConfig, evaluate_sums, model_device, split_and_prepare,
                                           train_loop)
 
@@ -44,6 +45,25 @@ def sft_loss(model, batch: batching.TokenBatch) -> torch.Tensor:
 
 def _rows(examples):
     return [(example.prompt_ids, example.responses[0]) for example in examples]
+
+
+def collate_examples(examples: Sequence[Encoded], pad_id: int, packed: bool) -> batching.TokenBatch:
+    """The model batch of encoded demonstrations (:func:`batching.collate_rows`)
+    whose ``response_mask`` keeps only each example's targets: all its
+    response tokens, or those its ``masks`` mark (the assistant turns of a
+    multi-turn conversation)."""
+    batch = batching.collate_rows(_rows(examples), pad_id, packed)
+    if all(example.masks is None for example in examples):
+        return batch
+    targets = torch.zeros_like(batch.response_mask)
+    row, column = 0, 0
+    for example in examples:
+        response = example.responses[0]
+        mask = [True] * len(response) if example.masks is None else example.masks[0]
+        start = column + len(example.prompt_ids)
+        targets[row, start:start + len(response)] = torch.tensor(mask, dtype=torch.bool)
+        row, column = (0, start + len(response)) if packed else (row + 1, 0)
+    return batch._replace(response_mask=batch.response_mask & targets)
 
 
 def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
@@ -78,16 +98,16 @@ def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
     packed = config.packing and batching.supports_packing(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def collate(rows):
-        return batching.collate_rows(rows, pad_id, packed).to(device)
+    def collate(examples):
+        return collate_examples(examples, pad_id, packed).to(device)
 
     def step(indices):
-        batch = collate(_rows([train[i] for i in indices]))
+        batch = collate([train[i] for i in indices])
         return StepOutput(response_nll(model, batch), batch.response_mask.sum(), batch.num_tokens)
 
     def evaluate():
         def measure(examples):
-            batch = collate(_rows(examples))
+            batch = collate(examples)
             return response_nll(model, batch), batch.response_mask.sum()
 
         if not held:
@@ -103,9 +123,12 @@ def train_sft(model, tokenizer, train_examples: Sequence[Demonstration],
 def run_sft_command(run: Run, data, config) -> Dict:
     """``rlhf-engine sft``: fine-tune ``data.model`` on ``data.train_file``
     (:class:`~rlhf_engine.pipeline.config.SFTData`, :class:`~rlhf_engine.pipeline.sft.SFTConfig`)."""
-    train = read_jsonl(data.train_file, "demonstrations")
-    held = read_jsonl(data.eval_file, "demonstrations") if data.eval_file else None
-    texts = [text for record in train for text in (record.prompt, record.response)]
+    def read(path):
+        return load_records(path, "demonstrations", split=data.split, columns=data.columns)
+
+    train = read(data.train_file)
+    held = read(data.eval_file) if data.eval_file else None
+    texts = [text for record in train for text in record_texts(record)]
     model, tokenizer = load_causal_lm(data.model, texts=texts, vocab_size=data.vocab_size, seed=data.model_seed,
                                       role="--model")
     result = train_stage(run, "sft", model, tokenizer, train_sft, train, held, config)
