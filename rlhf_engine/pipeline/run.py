@@ -10,7 +10,9 @@ Layout (``<stage>`` is ``sft``, ``rm``, ``ppo``, ...)::
     config.json              the resolved options (``--config`` reads it back)
     log.txt                  the log, as printed
     metrics.jsonl            one object per line: {"stage", "step", metric: value, ...}
-    tb/<stage>/              TensorBoard events, tags "<stage>/<metric>"
+    tb/<stage>/              TensorBoard events, tags "<stage>/<metric>" (--report_to tensorboard, the default)
+    tracking.json            the run ids of the wandb, MLflow and Trackio runs (--report_to; a resume continues them)
+    wandb/, mlruns/          wandb's offline run, MLflow's file store (--report_to wandb, mlflow; see tracking)
     <stage>/model/           the stage's HF model folder (safetensors) and tokenizer
     <stage>/checkpoints/     resumable checkpoints (rlhf_engine.checkpoint layout)
     <stage>/result.json      the stage's final metrics; written last, it marks the stage done
@@ -70,16 +72,19 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_engine import distributed
 from rlhf_engine.checkpoint import LATEST, latest_checkpoint
+from rlhf_engine.models import lora
 from rlhf_engine.models.builders import SIZES, build_policy
 from rlhf_engine.models.loading import load_pretrained
 from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.config import CONFIG_FILE
+from rlhf_engine.pipeline.tracking import METRICS_FILE  # noqa: F401 (the run folder's name for it, read by report)
+from rlhf_engine.pipeline.tracking import DEFAULT_REPORT_TO, TrackingError, close_trackers, open_trackers, \
+    parse_report_to
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, total_steps
 from rlhf_engine.pipeline.vocab import tokenizer_difference
 
 RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -92,6 +97,7 @@ RESUMABLE_OPTIONS = frozenset({
     "kl_target", "kl_horizon", "kl_bound",                           # KL control (kl_bound: the report's)
     "out", "device", "threads", "dist_timeout",                      # where and how it runs
     "gradient_checkpointing", "offload", "offload_policy", "profile_dir",
+    "report_to",                                                     # where metrics go (rlhf_engine.pipeline.tracking)
 })
 _STAGE_PREFIXES = ("sft_", "rm_", "ppo_")
 
@@ -183,8 +189,7 @@ class Run:
         self._stop_signal = None
         self._previous_handlers = {}
         self._lock_fd = None
-        self._writers = {}
-        self._purge_steps = {}
+        self._trackers = []  # rank 0's (rlhf_engine.pipeline.tracking), from options["report_to"]
         self._config_before = None  # a resumed run's config.json as it was (put back when the resume is refused)
         self.logger = None
 
@@ -208,6 +213,12 @@ class Run:
         self.log(f"{'resuming' if self.resume else 'starting'} 'rlhf-engine {self.command}' in {self.folder}")
         for message in opened or ():
             self.log(message)
+        problem = self.from_main(self._open_trackers() if self.is_main else None)
+        if problem is not None:
+            try:
+                self._refuse(problem)
+            finally:
+                self.__exit__(None, None, None)
         return self
 
     def __exit__(self, *exc):
@@ -215,9 +226,11 @@ class Run:
             default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             signal.signal(signum, previous if previous is not None else default)
         self._previous_handlers = {}
-        for writer in self._writers.values():
-            writer.close()
-        self._writers = {}
+        trackers, self._trackers = self._trackers, []
+        try:
+            close_trackers(trackers, failed=bool(exc) and exc[0] is not None)
+        except Exception as error:  # noqa: BLE001 (the run's own records are complete: say so, do not fail)
+            self.log(f"warning: --report_to: a tracker failed to close ({type(error).__name__}: {error})")
         if self.logger is not None:
             for handler in list(self.logger.handlers):
                 handler.close()
@@ -346,19 +359,33 @@ class Run:
             path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _open_trackers(self) -> Optional[str]:
+        """Rank 0: open the trackers of ``options["report_to"]``
+        (:mod:`~rlhf_engine.pipeline.tracking`) and log the options as the
+        run's parameters; the one-line problem when one cannot be opened."""
+        try:
+            names = parse_report_to(self.options.get("report_to", DEFAULT_REPORT_TO))
+            self._trackers = open_trackers(self.folder, names, log=self.log)
+            for tracker in self._trackers:
+                tracker.log_params(self.options)
+        except TrackingError as exc:
+            return str(exc)
+        return None
+
     def record(self, stage: str, step: int, metrics: Dict) -> None:
         """Append ``metrics`` (numbers; ``info/*`` strings are kept in the
-        JSONL only) to metrics.jsonl and TensorBoard (``tb/<stage>``) at
-        ``step`` (rank 0)."""
-        if not self.is_main:
-            return
+        JSONL only) to metrics.jsonl, TensorBoard (``tb/<stage>``) and the
+        other ``report_to`` trackers at ``step`` (rank 0)."""
         values = {key: _json_value(value) for key, value in metrics.items() if key != "step"}
-        with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
-        writer = self._writer(stage)
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"{stage}/{key}", value, step)
+        for tracker in self._trackers:
+            tracker.log_metrics(stage, step, values)
+
+    def log_artifacts(self, paths) -> None:
+        """Hand files of the run (the report's plots) to the ``report_to``
+        trackers that store files (wandb, MLflow, Trackio; rank 0)."""
+        paths = [Path(path) for path in paths]
+        for tracker in self._trackers:
+            tracker.log_artifacts(paths)
 
     def _refuse(self, message: str):
         """Raise UsageError(``message``) for a resume refused once the run
@@ -367,42 +394,16 @@ class Run:
             _write_json(self.folder / CONFIG_FILE, self._config_before)
         raise UsageError(message)
 
-    def _writer(self, stage: str):
-        if stage not in self._writers:
-            from torch.utils.tensorboard import SummaryWriter  # slow to import: only once something is recorded
-
-            self._writers[stage] = SummaryWriter(log_dir=str(self.folder / "tb" / stage),
-                                                 purge_step=self._purge_steps.get(stage))
-        return self._writers[stage]
-
     def rewind(self, stage: str, step: int) -> None:
         """Forget what ``stage`` recorded after ``step`` (all of it when
         ``step`` is 0), before it runs again from there: its rows leave
         metrics.jsonl (with a line a killed process left half-written) and
-        its TensorBoard writer purges those steps (rank 0 writes)."""
-        self._purge_steps[stage] = step + 1 if step else 0
-        path = self.folder / METRICS_FILE
-        if not self.is_main or not path.is_file():
-            return
-        kept, dropped, broken = [], 0, 0
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                broken += 1
-                continue
-            if row.get("stage") == stage and (step == 0 or row.get("step", 0) > step):
-                dropped += 1
-            else:
-                kept.append(line + "\n")
-        if dropped or broken:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
-            self.log(f"{stage}: removed from {METRICS_FILE} the {dropped} row(s) recorded after step {step}"
-                     + (f" and {broken} unreadable line(s)" if broken else "") + ": they are recorded again")
+        its TensorBoard writer purges those steps; wandb, MLflow and Trackio
+        keep them (rank 0 writes; see :mod:`~rlhf_engine.pipeline.tracking`)."""
+        for tracker in self._trackers:
+            message = tracker.rewind(stage, step)
+            if message:
+                self.log(message)
 
     def resume_point(self, stage: str, root: Path, *, last: int, unit: str = "step") -> Optional[Path]:
         """Where ``stage`` starts: the checkpoint under ``root`` to continue
@@ -483,6 +484,8 @@ class Run:
         rank gathers the weights, rank 0 writes, and every rank returns once
         the folder is in place."""
         final = self.model_dir(stage)
+        if lora.is_peft(model):  # one process (LoRA is refused under torch.distributed)
+            return self._save_lora_model(final, model, tokenizer)
         state_dict = distributed.full_state_dict(model)
         if self.is_main:
             tmp = final.with_name(f".tmp-model-{os.getpid()}")
@@ -492,6 +495,22 @@ class Run:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         self.from_main(None)
+        return final
+
+    def _save_lora_model(self, final: Path, model, tokenizer) -> Path:
+        """A LoRA ``model`` as ``<stage>/model``, merged (a plain HuggingFace
+        folder), and its adapters as ``<stage>/adapter`` (loads with
+        ``PeftModel.from_pretrained`` on the base model), each written to a
+        temporary folder first."""
+        adapter = lora.adapter_folder(final)
+        tmp, tmp_adapter = (path.with_name(f".tmp-{path.name}-{os.getpid()}") for path in (final, adapter))
+        for path in (tmp, tmp_adapter):
+            shutil.rmtree(path, ignore_errors=True)
+        lora.save_lora(model, tmp, tmp_adapter)
+        tokenizer.save_pretrained(tmp)
+        for path, target in ((tmp_adapter, adapter), (tmp, final)):
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
         return final
 
 
@@ -570,9 +589,11 @@ def train_stage(run: Run, stage: str, model, tokenizer, train_fn: Callable, trai
         return done
     try:
         check_world_size(config, run.where)
+        if config.lora:
+            lora.refuse_distributed(run.where.world_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    model.to(run.device)
+    model = lora.with_adapters(model, config.lora_options(), seed=config.seed).to(run.device)
     root = run.checkpoints(stage)
     steps = expected_steps(len(train_records), eval_records is not None, config)
     latest = run.resume_point(stage, root, last=steps)
