@@ -8,6 +8,7 @@ process's peak resident set size during the phase: Linux keeps it as
 lifetime peak (``getrusage``) is reported instead
 (:func:`rlhf_engine.profiling.rss_peak_mib`)."""
 import contextlib
+import math
 import time
 
 import torch
@@ -75,3 +76,61 @@ class WeightedMean:
             sums, weights = both[:len(names)], both[len(names):]
         totals = sums / weights.clamp(min=1)
         return {prefix + n: v for n, v in zip(names, totals.tolist())}
+
+
+# Reward-hacking diagnostics, always on: a few reductions of tensors the score phase has anyway.
+
+class Trend:
+    """The slope of a series: an exponential moving average (``decay``) of
+    its change per step, bias-corrected as Adam's moments are, so that the
+    first slopes are not pulled towards 0. :meth:`update` returns None until
+    two finite values were seen; a non-finite value is skipped."""
+
+    def __init__(self, decay=0.9):
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay, self.last, self.average, self.count = decay, None, 0.0, 0
+
+    def update(self, value):
+        if not math.isfinite(value):
+            return None
+        if self.last is None:
+            self.last = value
+            return None
+        change, self.last = value - self.last, value
+        self.count += 1
+        self.average = self.decay * self.average + (1 - self.decay) * change
+        return self.average / (1 - self.decay ** self.count)
+
+    def state_dict(self):
+        return {"decay": self.decay, "last": self.last, "average": self.average, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.decay, self.last, self.average, self.count = (state[k] for k in ("decay", "last", "average", "count"))
+
+
+def reference_length(policy_logprobs, ref_logprobs, response_mask):
+    """The reference policy's mean response length, estimated from the
+    policy's samples by self-normalised importance sampling: each response
+    weighs ``exp(sum_t ref_logprobs - policy_logprobs)`` (the reference's
+    likelihood over the sampling policy's, at the sampling temperature), so
+    no sample is drawn from the reference. Consistent as the batch grows
+    without top-k/top-p filtering (the log-probs are the unfiltered
+    distribution's); noisy when the policy has moved far, which the
+    effective sample size says.
+
+    Args:
+        policy_logprobs, ref_logprobs: ``[B, T]`` float, 0 outside the response.
+        response_mask: ``[B, T]`` bool.
+
+    Returns:
+        ``(length [], ess [])`` float64 0-d tensors: the estimate (tokens) and
+        the effective sample size as a fraction of ``B``,
+        ``(sum w)^2 / (B sum w^2)`` in ``(0, 1]`` (1: the policy is the reference).
+    """
+    mask = response_mask.bool()
+    log_ratio = torch.where(mask, ref_logprobs.double() - policy_logprobs.double(), 0.0).sum(-1)
+    weights = torch.softmax(log_ratio, dim=0)
+    length = (weights * mask.sum(-1).double()).sum()
+    ess = 1.0 / (weights.shape[0] * (weights ** 2).sum())
+    return length, ess

@@ -39,6 +39,7 @@ import torch
 from rlhf_engine import distributed
 from rlhf_engine.engine import EngineConfig, RLHFEngine
 from rlhf_engine.models.builders import SIZES, build_policy
+from rlhf_engine.models.lora import LoraOptions
 from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE, byte_tokenizer
 from rlhf_engine.options import check_int, option
@@ -57,9 +58,14 @@ DATA_FILES = {"demonstrations": "demonstrations.jsonl", "rankings": "rankings.js
               "rm_eval": "rm_eval_comparisons.jsonl"}
 
 
+REWARDS = ("model", "gold")
+
+
 @dataclasses.dataclass
-class TaskConfig:
-    """The built-in task's data, model and evaluation."""
+class TaskConfig(LoraOptions):
+    """The built-in task's data, model and evaluation. Its LoRA options
+    (``--lora_r`` ...) apply to the stages that fine-tune a trained model,
+    the reward model and both PPO runs (:func:`pipeline_lora`)."""
 
     data_seed: int = option(0, "Seed of the generated data (each file draws from its own seed derived from it).")
     demonstrations: int = option(20000, "Demonstrations for SFT.")
@@ -87,8 +93,14 @@ class TaskConfig:
     kl_bound: float = option(2.0, "The most mean KL (nats per response) of the PPO policy to the SFT model on the "
                                   "held-out prompts that the report accepts.")
     eval_batch_size: int = option(128, "Prompts sampled at once in evaluation.")
+    reward: str = option("model", "What PPO trains against: 'model' (the learnt reward model), or 'gold' (also a "
+                                  "PPO run 'ppo_gold' against the gold judge as a reward function, evaluated like "
+                                  "the reward-model run and compared with it in the report).")
 
     def __post_init__(self):
+        self.check_lora()
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if self.policy_size not in SIZES:
             raise ValueError(f"policy_size must be one of {sorted(SIZES)}, got {self.policy_size!r}")
         for name in ("demonstrations", "rankings", "prompts", "heldout_prompts", "probe_prompts",
@@ -147,6 +159,7 @@ def stage_configs(task_config: TaskConfig, sft, rm, ppo, engine) -> StageConfigs
     with ``ppo_ptx_coef`` 0: its data, the demonstrations, is always there)."""
     configs = StageConfigs(task_config, unprefixed(sft, SFTConfig, "sft_"), unprefixed(rm, RMConfig, "rm_"),
                            unprefixed(ppo, PPOStageConfig, "ppo_"), unprefixed(engine, EngineConfig, "ppo_"))
+    configs = pipeline_lora(configs)
     check_ptx_options(configs.engine.ptx_coef, configs.engine.ptx_coef > 0, configs.ppo, prefix="ppo_")
     if configs.rm.normalize_rewards and not configs.sft.eval_fraction:
         raise ValueError("--rm_normalize_rewards (on by default) scores the SFT stage's held-out demonstrations: "
@@ -162,6 +175,38 @@ def stage_configs(task_config: TaskConfig, sft, rm, ppo, engine) -> StageConfigs
             raise ValueError(f"the PPO run without KL penalty (--nokl_iterations {task_config.nokl_iterations}, "
                              f"--nokl_lr {task_config.nokl_lr}): {exc}") from None
     return configs
+
+
+# With LoRA, the learning rates left at the built-in defaults are this many times higher: adapters (a small
+# low-rank update from zero) need about ten times full fine-tuning's rate for the same progress.
+LORA_LR_FACTOR = 10.0
+
+
+def pipeline_lora(configs: StageConfigs) -> StageConfigs:
+    """The pipeline-level LoRA options (``--lora_r`` ...) applied to the
+    reward model and the PPO runs (not to SFT, which trains the built
+    policy from its random initialisation, where low-rank adapters cannot
+    learn the task: ``--sft_lora_r`` asks for it). A stage given its own
+    ``--<stage>_lora_r`` keeps its own LoRA options. In every stage the
+    pipeline-level options turn on, the learning rates left at the built-in
+    defaults (``--rm_lr``, ``--ppo_lr``, ``--ppo_critic_lr``, ``--nokl_lr``)
+    are multiplied by :data:`LORA_LR_FACTOR`."""
+    task_config = configs.task
+    if not task_config.lora:
+        return configs
+    options = dataclasses.asdict(task_config.lora_options())
+
+    def adapted(config, defaults, lr_names):
+        if config.lora:
+            return config
+        rates = {name: getattr(config, name) * LORA_LR_FACTOR for name in lr_names
+                 if getattr(config, name) == defaults[name]}
+        return dataclasses.replace(config, **options, **rates)
+
+    if not configs.engine.lora and task_config.nokl_lr == TaskConfig.__dataclass_fields__["nokl_lr"].default:
+        task_config = dataclasses.replace(task_config, nokl_lr=task_config.nokl_lr * LORA_LR_FACTOR)
+    return dataclasses.replace(configs, task=task_config, rm=adapted(configs.rm, RM_DEFAULTS, ("lr",)),
+                               engine=adapted(configs.engine, ENGINE_DEFAULTS, ("lr", "critic_lr")))
 
 
 def nokl_engine(configs: StageConfigs) -> EngineConfig:
@@ -273,9 +318,21 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
         _ppo(run, "ppo_nokl", sft_model, reward_model, tokenizer, nokl_engine(configs),
              dataclasses.replace(configs.ppo, iterations=cfg.nokl_iterations), prompt_ids, probe, ptx_rows)
 
+    if cfg.reward == "gold":  # PPO against the verifiable reward, to compare with the reward-model run
+        gold_result = _ppo(run, "ppo_gold", sft_model, None, tokenizer, gold_engine(configs), configs.ppo, prompt_ids,
+                           probe, ptx_rows, reward_funcs={"gold": task.gold_reward}, heldout_reward="gold")
+
+    heldout = [p.prompt for p in data["heldout_prompts"]]
     evaluation = evaluate_builtin(run, cfg, engine_cfg, tokenizer, _placed(sft_model, run.device),
-                                  _load_lm(run.model_dir("ppo")).to(run.device),
-                                  [p.prompt for p in data["heldout_prompts"]])
+                                  _load_lm(run.model_dir("ppo")).to(run.device), heldout)
+    gold_summary = {}
+    if cfg.reward == "gold":
+        gold_eval = evaluate_builtin(run, cfg, engine_cfg, tokenizer, _placed(sft_model, run.device),
+                                     _load_lm(run.model_dir("ppo_gold")).to(run.device), heldout, stage="eval_gold")
+        gold_summary = {**{key: gold_eval[key] for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "win_n",
+                                                            "ppo_gold", "mean_kl")},
+                        "train_kl_mean": gold_result["kl_mean"], **_probe_ends(run, "ppo_gold"),
+                        "model_run": _probe_ends(run, "ppo")}
     summary = {
         "rm_accuracy": rm_result["eval_accuracy"],
         **{key: evaluation[key] for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "wins", "ties",
@@ -283,12 +340,14 @@ def run_pipeline(run: Run, configs: StageConfigs) -> Dict:
         "kl_bound": cfg.kl_bound,
         "ppo_train_kl_mean": ppo_result["kl_mean"],
         "nokl": _nokl_summary(run) if cfg.nokl_iterations else {},
+        "gold_reward": gold_summary,
         "wall_seconds": process_seconds(began),
         "resumed": run.resume,
         "torch_threads": torch.get_num_threads(),
     }
     if run.is_main:
-        run.log(f"report: {report.write_report(run.folder, summary, evaluation['examples'])}")
+        written = report.write_report(run.folder, summary, evaluation['examples'], artifacts=run.log_artifacts)
+        run.log(f"report: {written}")
     return summary
 
 
@@ -297,24 +356,40 @@ def _placed(model, device):
     return model if distributed.is_sharded(model) else model.to(device)
 
 
-def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe, ptx_rows=None):
+def gold_engine(configs: StageConfigs) -> EngineConfig:
+    """The engine config of the PPO run against the gold reward: the PPO
+    run's, its critic (if any) started from the policy (there is no reward
+    model to start it from, and the gold score is on another scale)."""
+    engine = configs.engine
+    return dataclasses.replace(engine, critic_init="policy") if engine.uses_critic else engine
+
+
+def _ppo(run, stage, sft_model, reward_model, tokenizer, engine_cfg, stage_cfg, prompt_ids, probe, ptx_rows=None,
+         reward_funcs=None, **train_options):
     """One PPO stage from the SFT model (policy = a trainable copy, reference
-    = the SFT model itself, critic from the reward model); ``ptx_rows``: the
-    PPO-ptx rows when ``engine_cfg.ptx_coef > 0``."""
+    = the SFT model itself, critic from the reward model unless
+    ``engine_cfg`` says otherwise) against ``reward_model`` (or None) and
+    ``reward_funcs``; ``ptx_rows``: the PPO-ptx rows when
+    ``engine_cfg.ptx_coef > 0``; ``train_options``: :func:`train_ppo`'s
+    (e.g. ``heldout_reward``)."""
     done = run.skip_if_done(stage)
     if done is not None:
         return done
     policy = _load_lm(run.model_dir("sft"))
-    engine = RLHFEngine(policy, tokenizer, engine_cfg, reward_model=reward_model, ref_model=sft_model)
-    return train_ppo(run, stage, engine, prompt_ids, stage_cfg, probe=probe, ptx_rows=ptx_rows)
+    if engine_cfg.lora:  # the reference is the policy without its adapters; the critic's adapters go on a fresh
+        # copy of the reward model (the engine wraps it in place: the probe's judge keeps the one given)
+        reward_model = None if reward_model is None else load_reward_model(str(run.model_dir("rm")))
+    engine = RLHFEngine(policy, tokenizer, engine_cfg, reward_model=reward_model, reward_funcs=reward_funcs,
+                        ref_model=None if engine_cfg.lora else sft_model)
+    return train_ppo(run, stage, engine, prompt_ids, stage_cfg, probe=probe, ptx_rows=ptx_rows, **train_options)
 
 
 def evaluate_builtin(run: Run, cfg: TaskConfig, engine_cfg: EngineConfig, tokenizer, sft_model, ppo_model,
-                     prompts: List[str]) -> Dict:
+                     prompts: List[str], stage: str = "eval") -> Dict:
     """The gold judge's win rate of PPO over SFT on ``prompts`` and the PPO
-    policy's KL to the SFT model there; written to ``eval/`` (result and
+    policy's KL to the SFT model there; written to ``<stage>/`` (result and
     every response)."""
-    done = run.skip_if_done("eval")
+    done = run.skip_if_done(stage)
     if done is not None:
         return done
     sampling = dict(max_new_tokens=engine_cfg.max_new_tokens, temperature=engine_cfg.temperature,
@@ -327,16 +402,27 @@ def evaluate_builtin(run: Run, cfg: TaskConfig, engine_cfg: EngineConfig, tokeni
     rows = [dict(prompt=p, sft=s, sft_gold=sg, ppo=q, ppo_gold=qg, ppo_kl=kl)
             for p, s, sg, q, qg, kl in zip(prompts, sft_responses, sft_gold, ppo_responses, ppo_gold, kls)]
     if run.is_main:
-        with open(run.stage_dir("eval") / "responses.jsonl", "w", encoding="utf-8") as f:
+        with open(run.stage_dir(stage) / "responses.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     examples = [{key: value for key, value in row.items() if key != "ppo_kl"} for row in rows[:8]]
     result = {"win_rate": rate.rate, "win_rate_ci_low": rate.low, "win_rate_ci_high": rate.high, "wins": rate.wins,
               "ties": rate.ties, "losses": rate.losses, "win_n": rate.n,
               "sft_gold": sum(sft_gold) / rate.n, "ppo_gold": sum(ppo_gold) / rate.n,
               "mean_kl": sum(kls) / len(kls), "examples": examples}
-    run.log(f"eval: PPO over SFT win rate {rate.rate:.3f} [{rate.low:.3f}, {rate.high:.3f}] on {rate.n} held-out "
-            f"prompts; mean KL {result['mean_kl']:.3f}")
-    return run.finish("eval", result)
+    run.log(f"{stage}: PPO over SFT win rate {rate.rate:.3f} [{rate.low:.3f}, {rate.high:.3f}] on {rate.n} "
+            f"held-out prompts; mean KL {result['mean_kl']:.3f}")
+    return run.finish(stage, result)
+
+
+def _probe_ends(run: Run, stage: str) -> Dict[str, float]:
+    """The first and last probe's gold and reward-model scores of a PPO stage (the evaluation prompts)."""
+    rows = report.read_metrics(run.folder)
+    ends = {}
+    for key, name in (("probe/gold", "gold"), ("probe/reward", "reward")):
+        values = report.series(rows, stage, key)[1]
+        if values:
+            ends.update({f"{name}_start": values[0], f"{name}_end": values[-1]})
+    return ends
 
 
 def _nokl_summary(run: Run) -> Dict[str, float]:

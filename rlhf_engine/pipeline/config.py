@@ -24,7 +24,8 @@ from transformers import HfArgumentParser
 from rlhf_engine.models.tokenizer import MIN_VOCAB_SIZE
 from rlhf_engine.options import check_int, option
 from rlhf_engine.pipeline import task
-from rlhf_engine.pipeline.data import LENGTH_POLICIES, DataError, read_jsonl
+from rlhf_engine.pipeline.data import LENGTH_POLICIES, DataError
+from rlhf_engine.pipeline.tracking import BACKENDS, DEFAULT_REPORT_TO, parse_report_to
 
 CONFIG_FILE = "config.json"
 # Flags about this invocation only: never written to config.json, never read from it.
@@ -54,6 +55,11 @@ class RunOptions:
     threads: int = option(0, "torch CPU threads (0: torch's default, one per core).")
     dist_timeout: float = option(600.0, "Under torchrun: seconds a collective waits for the other ranks before "
                                         "the command fails naming the rank that stopped responding.")
+    report_to: str = option(DEFAULT_REPORT_TO, f"Where metrics go, comma-separated: {', '.join(BACKENDS)}. "
+                                               "metrics.jsonl is always written (--resume and the report read it); "
+                                               "wandb runs offline unless WANDB_MODE is set, mlflow writes a file "
+                                               "store in the run folder unless MLFLOW_TRACKING_URI is set, trackio "
+                                               "its local database. The options are the run's parameters.")
 
     def __post_init__(self):
         if self.restart_stage and not self.resume:
@@ -62,12 +68,30 @@ class RunOptions:
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or \
                 not 0 < self.dist_timeout < float("inf"):
             raise ValueError(f"dist_timeout must be a number of seconds > 0, got {self.dist_timeout!r}")
+        parse_report_to(self.report_to)
 
 
 def _required(obj, *names):
     for name in names:
         if not getattr(obj, name):
             raise ValueError(f"--{name} is required")
+
+
+# The data options every command that reads data shares (rlhf_engine.pipeline.sources).
+SPLIT_HELP = ("The split of every data source of the command: a DatasetDict folder's split (needed when it has "
+              "several), or for .parquet/.csv/.json/.jsonl files a datasets split expression (default 'train', e.g. "
+              "'train[:1000]'; a .jsonl file is then read by datasets, its errors naming rows instead of lines).")
+COLUMNS_HELP = ("Column mapping of every data source of the command: NAME=COLUMN,... reads the standard name NAME "
+                "(prompt, completion, response, chosen, rejected, messages, text, margin, responses) from the "
+                "dataset's COLUMN, e.g. 'prompt=question,completion=answer'.")
+
+
+def _check_source_options(obj) -> None:
+    from rlhf_engine.pipeline.sources import parse_columns
+
+    if not isinstance(obj.split, str):
+        raise ValueError(f"split must be a string, got {obj.split!r}")
+    parse_columns(obj.columns)
 
 
 @dataclasses.dataclass
@@ -77,15 +101,20 @@ class SFTData:
     model: str = option("tiny", "The causal LM to fine-tune: a HuggingFace model folder (with its tokenizer), or "
                                 "'tiny'/'small' for a new Llama of that size (rlhf_engine.models.builders) with a "
                                 "byte-level tokenizer learnt from the training data.")
-    train_file: str = option("", "Demonstrations JSONL, one {\"prompt\": ..., \"response\": ...} per line.")
+    train_file: str = option("", "Demonstrations: JSONL ({\"prompt\": ..., \"response\": ...} per line), or any "
+                                  "source and shape of README 'Data formats' (parquet, CSV, a datasets folder; "
+                                  "TRL's prompt-completion, text and messages).")
     eval_file: str = option("", "Held-out demonstrations JSONL (default: eval_fraction of train_file).")
     vocab_size: int = option(450, "Vocabulary of a new model's byte-level tokenizer.")
     model_seed: int = option(0, "Seed of a new model's initialisation.")
     device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    split: str = option("", SPLIT_HELP)
+    columns: str = option("", COLUMNS_HELP)
 
     def __post_init__(self):
         _required(self, "model", "train_file")
+        _check_source_options(self)
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or \
                 self.vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (the 3 special tokens and the 256 "
@@ -110,9 +139,12 @@ class RMData:
     model_seed: int = option(0, "Seed of the new scalar head's initialisation.")
     device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    split: str = option("", SPLIT_HELP)
+    columns: str = option("", COLUMNS_HELP)
 
     def __post_init__(self):
         _required(self, "model")
+        _check_source_options(self)
         if not (self.comparisons or self.rankings):
             raise ValueError("--comparisons or --rankings (or both) is required")
         check_int(self, "model_seed", 0)
@@ -124,9 +156,17 @@ class PPOData:
     """The models and prompts of ``rlhf-engine ppo``."""
 
     policy: str = option("", "The SFT model folder: the policy starts from it and it is the frozen reference.")
-    reward_model: str = option("", "The reward model folder (frozen).")
-    critic: str = option("", "A critic model folder (default: initialised from the reward model).")
-    prompts: str = option("", "Prompts JSONL, one {\"prompt\": ...} per line.")
+    reward_model: str = option("", "The reward model folder (frozen); optional with --reward_funcs.")
+    reward_funcs: str = option("", "Reward functions beside (or instead of) the reward model, comma-separated "
+                                   "'module:function' (importable; fn(prompts, responses) -> list of floats on the "
+                                   "decoded text, async allowed; e.g. rlhf_engine.pipeline.task:gold_reward). The "
+                                   "score is the weighted sum of the sources (see --reward_weights).")
+    reward_weights: str = option("", "Comma-separated weights, one per reward source in order: the reward model "
+                                     "first when given, then the --reward_funcs (default: all 1.0).")
+    critic: str = option("", "A critic model folder (default: initialised from the reward model, or with "
+                             "--critic_init policy from the policy).")
+    prompts: str = option("", "Prompts: JSONL ({\"prompt\": ...} per line), or any source and shape of README "
+                                "'Data formats' (a string or a conversation).")
     eval_prompts: str = option("", "Prompts JSONL on which the policy is probed (reward-model score, KL to the "
                                    "reference) every eval_every iterations (default: no probe).")
     gold_judge: bool = option(False, "Also probe with the built-in task's gold judge (for its prompts only).")
@@ -138,9 +178,15 @@ class PPOData:
                                       "--max_length).")
     ptx_length_policy: str = option("truncate", "PPO-ptx: demonstrations longer than ptx_max_length: 'truncate' "
                                                 "or 'drop' (as sft's --length_policy).")
+    split: str = option("", SPLIT_HELP)
+    columns: str = option("", COLUMNS_HELP)
 
     def __post_init__(self):
-        _required(self, "policy", "reward_model", "prompts")
+        _required(self, "policy", "prompts")
+        _check_source_options(self)
+        if not (self.reward_model or self.reward_funcs):
+            raise ValueError("--reward_model or --reward_funcs (or both) is required")
+        reward_weights(self)  # the names and weights parse (the functions are imported by check_ppo_command)
         check_int(self, "ptx_max_length", 2)
         if self.ptx_length_policy not in LENGTH_POLICIES:
             raise ValueError(f"ptx_length_policy must be one of {LENGTH_POLICIES}, got {self.ptx_length_policy!r}")
@@ -149,13 +195,66 @@ class PPOData:
                              "--eval_prompts FILE (prompts of the built-in task) or drop --gold_judge")
 
 
+def _reward_func_specs(spec: str) -> Dict[str, Tuple[str, str]]:
+    """``{name: (module, attribute)}`` of ``--reward_funcs`` (``module:function,...``), named by the function's
+    attribute name; ValueError naming the flag for a malformed entry or a name given twice."""
+    specs = {}
+    for entry in (e.strip() for e in spec.split(",")) if spec.strip() else ():
+        module, sep, attribute = entry.partition(":")
+        if not (sep and module and attribute) or not re.fullmatch(r"[\w.]+", module + attribute):
+            raise ValueError(f"--reward_funcs {entry!r}: each entry is 'module:function' (an importable module and "
+                             f"a function in it, e.g. rlhf_engine.pipeline.task:gold_reward)")
+        name = attribute.rpartition(".")[2]
+        if name in specs:
+            raise ValueError(f"--reward_funcs names two functions {name!r}: reward sources need distinct names "
+                             f"(their metrics are reward/<name>_mean)")
+        specs[name] = (module, attribute)
+    return specs
+
+
+def reward_weights(data: "PPOData") -> Dict[str, float]:
+    """``{source name: weight}`` of ``--reward_weights`` (one per source: the reward model, named ``model``,
+    first when given, then the functions); {} when not given. ValueError naming the flag."""
+    names = (["model"] if data.reward_model else []) + list(_reward_func_specs(data.reward_funcs))
+    if not data.reward_weights.strip():
+        return {}
+    try:
+        weights = [float(w) for w in data.reward_weights.split(",")]
+    except ValueError:
+        raise ValueError(f"--reward_weights {data.reward_weights!r} must be comma-separated numbers") from None
+    if len(weights) != len(names) or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--reward_weights {data.reward_weights!r}: give {len(names)} finite numbers, one per reward "
+                         f"source in order ({', '.join(names)})")
+    return dict(zip(names, weights))
+
+
+def reward_funcs(spec: str) -> Dict[str, object]:
+    """``--reward_funcs``' functions by name, imported; ValueError naming the entry that does not import or is not
+    callable."""
+    import importlib
+
+    funcs = {}
+    for name, (module, attribute) in _reward_func_specs(spec).items():
+        try:
+            fn = importlib.import_module(module)
+            for part in attribute.split("."):
+                fn = getattr(fn, part)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"--reward_funcs {module}:{attribute}: {type(exc).__name__}: {exc}") from None
+        if not callable(fn):
+            raise ValueError(f"--reward_funcs {module}:{attribute} is a {type(fn).__name__}, not a function")
+        funcs[name] = fn
+    return funcs
+
+
 @dataclasses.dataclass
 class EvalOptions:
     """``rlhf-engine eval``: the win rate of one policy over another."""
 
     policy_a: str = option("", "Model folder of the policy whose win rate is measured.")
     policy_b: str = option("", "Model folder of the policy it is compared with.")
-    prompts: str = option("", "Prompts JSONL, one {\"prompt\": ...} per line.")
+    prompts: str = option("", "Prompts: JSONL ({\"prompt\": ...} per line), or any source and shape of README "
+                                "'Data formats' (a string or a conversation).")
     judge: str = option("gold", "'gold' (the built-in task's gold judge, for its prompts) or a reward model folder.")
     max_new_tokens: int = option(64, "Most tokens sampled per response.")
     temperature: float = option(1.0, "Sampling temperature (0: greedy).")
@@ -163,9 +262,12 @@ class EvalOptions:
     batch_size: int = option(32, "Prompts sampled at once.")
     device: str = option("auto", "Where the models run: 'auto' (this rank's GPU when CUDA is available, else the "
                                  "CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    split: str = option("", SPLIT_HELP)
+    columns: str = option("", COLUMNS_HELP)
 
     def __post_init__(self):
         _required(self, "policy_a", "policy_b", "prompts", "judge")
+        _check_source_options(self)
         check_int(self, "max_new_tokens", 1)
         check_int(self, "seed", 0)
         check_int(self, "batch_size", 1)
@@ -188,12 +290,18 @@ def check_model_folder(flag: str, path: str, sizes: Sequence[str] = ()) -> None:
         raise ValueError(f"{flag} {path}: no such model folder{also}")
 
 
-def check_gold_prompts(path: str, flag: str, instead: str) -> None:
+def check_gold_prompts(path: str, flag: str, instead: str, *, split: str = "", columns: str = "") -> None:
     """Refuse (:class:`~rlhf_engine.pipeline.data.DataError`, naming the
-    file, line and field) prompts in ``path`` that are not the built-in
-    task's: the gold judge, asked for by ``flag``, scores no others.
-    ``instead``: what to do about it."""
+    file, line or row and field) prompts in ``path`` (any source of
+    :func:`~rlhf_engine.pipeline.sources.load_records`, read with ``split``
+    and ``columns``) that are not the built-in task's: the gold judge, asked
+    for by ``flag``, scores no others. ``instead``: what to do about it."""
+    from rlhf_engine.pipeline.sources import load_records
+
     def check(record):
+        if not isinstance(record.prompt, str):
+            raise DataError(f"is a conversation, not a prompt of the built-in task, the only prompts the gold judge "
+                            f"({flag}) can score: {instead}", field="prompt")
         try:
             task.check_prompt(record.prompt)
         except ValueError:
@@ -202,7 +310,7 @@ def check_gold_prompts(path: str, flag: str, instead: str) -> None:
                             f"'count <letter>: <word>', family one of {', '.join(task.FAMILIES)}), the only "
                             f"prompts the gold judge ({flag}) can score: {instead}", field="prompt") from None
 
-    read_jsonl(path, "prompts", check=check)
+    load_records(path, "prompts", split=split, columns=columns, check=check)
 
 
 def check_sft_command(data: SFTData, config) -> None:
@@ -230,9 +338,19 @@ def check_ppo_command(data: PPOData, stage_config, engine_config) -> None:
     for flag in ("policy", "reward_model", "critic"):
         if getattr(data, flag):
             check_model_folder(f"--{flag}", getattr(data, flag))
+    if data.reward_funcs:
+        from rlhf_engine.engine.rewards import build_sources
+
+        # the sources' names and weights as the engine will check them (the model is a stand-in here)
+        build_sources(bool(data.reward_model) or None, reward_funcs(data.reward_funcs), reward_weights(data))
+    if not data.reward_model and not data.critic and engine_config.uses_critic and \
+            engine_config.critic_init == "reward":
+        raise ValueError("no --reward_model to start the critic from (reward functions only): give --critic_init "
+                         "policy, a --critic folder, or a group baseline (--advantage_estimator rloo, group or "
+                         "dr_grpo)")
     if data.gold_judge:
         check_gold_prompts(data.eval_prompts, "--gold_judge", "drop --gold_judge (the reward model still probes "
-                                                                "the policy)")
+                                                                "the policy)", split=data.split, columns=data.columns)
 
 
 def check_eval_command(options: EvalOptions) -> None:
@@ -241,7 +359,8 @@ def check_eval_command(options: EvalOptions) -> None:
     for flag in ("policy_a", "policy_b"):
         check_model_folder(f"--{flag}", getattr(options, flag))
     if options.judge == "gold":
-        check_gold_prompts(options.prompts, "--judge gold", "give --judge RM_DIR (a reward model folder)")
+        check_gold_prompts(options.prompts, "--judge gold", "give --judge RM_DIR (a reward model folder)",
+                           split=options.split, columns=options.columns)
     else:
         check_model_folder("--judge", options.judge)
 

@@ -44,18 +44,20 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from rlhf_engine import distributed
-from rlhf_engine.engine import RLHFEngine
+from rlhf_engine.engine import RLHFEngine, rewards
+from rlhf_engine.engine.metrics import Trend
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed
-from rlhf_engine.models import causal_lm_logprobs
+from rlhf_engine.models import causal_lm_logprobs, lora
 from rlhf_engine.options import option
 from rlhf_engine.pipeline import batching
-from rlhf_engine.pipeline.data import (Demonstration, LengthReport, encode_prompt, encode_record, fit_examples,
-                                       read_jsonl)
+from rlhf_engine.pipeline.data import Demonstration, LengthReport, encode_prompt, encode_record, fit_examples
 from rlhf_engine.pipeline.evaluate import (Judge, decode_responses, judge_gold, judge_reward_model, map_batches,
                                            sample_prompts)
+from rlhf_engine.pipeline.config import reward_funcs, reward_weights
 from rlhf_engine.pipeline.report import read_metrics
 from rlhf_engine.pipeline.run import (Interrupted, Run, UsageError, check_same_tokenizer, load_causal_lm,
                                       load_reward_model, load_tokenizer)
+from rlhf_engine.pipeline.sources import load_records
 from rlhf_engine.pipeline.training import SaveClock, check_minutes, global_sums
 
 
@@ -122,8 +124,12 @@ def encode_ptx(tokenizer, demonstrations: Sequence[Demonstration], max_length: i
     for i, record in enumerate(demonstrations):
         if not isinstance(record, Demonstration):
             raise ValueError(f"ptx data[{i}] must be a Demonstration, got {type(record).__name__}")
-    examples, report = fit_examples([encode_record(tokenizer, d) for d in demonstrations], max_length,
-                                    length_policy, option_prefix="ptx_")
+    encoded = [encode_record(tokenizer, d) for d in demonstrations]
+    for i, example in enumerate(encoded):
+        if example.masks is not None:
+            raise ValueError(f"ptx data[{i}] is a conversation with several assistant turns: PPO-ptx trains on "
+                             f"every response token, so it takes one assistant turn per demonstration")
+    examples, report = fit_examples(encoded, max_length, length_policy, option_prefix="ptx_")
     return [(e.prompt_ids, e.responses[0]) for e in examples], report
 
 
@@ -272,6 +278,7 @@ class PolicyProbe:
 
 
 def _device_of(model) -> torch.device:
+    model = lora.base_model_of(model)  # a WithoutAdapters view holds no weights of its own
     return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
@@ -286,7 +293,8 @@ def probe_engine(engine, probe: PolicyProbe) -> Dict[str, float]:
 
 
 def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]], config: PPOStageConfig, *,
-              probe: Optional[PolicyProbe] = None, ptx_rows: Optional[Sequence[Row]] = None) -> Dict:
+              probe: Optional[PolicyProbe] = None, ptx_rows: Optional[Sequence[Row]] = None,
+              heldout_reward: str = "reward") -> Dict:
     """Run PPO iterations of ``engine`` as ``stage`` of ``run``, then write
     ``<stage>/model`` (the policy and tokenizer) and the stage's result.
 
@@ -303,6 +311,17 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
             iteration passes :func:`ptx_batches`' next batch to
             ``engine.step``, ``config.ptx_rows_per_step`` (0: the engine's
             ``mini_batch_size``) rows per optimizer step.
+        heldout_reward: the probe's judge that scores what the engine
+            trains on: on a probed iteration ``probe/reward_gap`` is the
+            rollouts' ``reward/score_mean`` minus ``probe/<heldout_reward>``
+            (the training prompts' reward before the iteration's updates
+            against the evaluation prompts' after them; growing: the policy
+            gains on the training prompts only).
+
+    Every iteration's metrics also hold ``kl/growth``, the slope of
+    ``kl/k1`` over iterations (:class:`~rlhf_engine.engine.metrics.Trend`,
+    replayed from the recorded metrics on a resume), from the second
+    iteration on.
 
     Returns:
         the result: ``iterations``, ``wall_seconds``, ``kl_mean`` and
@@ -370,6 +389,9 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
         run.log(f"{stage}: PPO-ptx (coefficient {ptx_coef}) on {len(ptx_rows)} demonstrations: {per_step} per "
                 f"optimizer step, {ptx_per_iteration} per iteration")
     history = run.from_main(_history(run, stage, start) if run.is_main else None)
+    kl_trend = Trend()
+    for row in history:
+        kl_trend.update(row["kl/k1"])
     began = time.perf_counter()
     if probe is not None and config.eval_every and start == 0:
         run.record(stage, 0, probe_engine(engine, probe))  # the starting point (the SFT model) of the curves
@@ -388,8 +410,13 @@ def train_ppo(run: Run, stage: str, engine, prompt_ids: Sequence[Sequence[int]],
             metrics = engine.step([list(prompt_ids[i]) for i in next(batches)[share]],
                                   None if ptx is None else next(ptx))
             step = iteration + 1
+            growth = kl_trend.update(metrics["kl/k1"])
+            if growth is not None:
+                metrics["kl/growth"] = growth
             if probe is not None and config.eval_every and (step % config.eval_every == 0 or step == total):
                 metrics.update(probe_engine(engine, probe))
+                if f"probe/{heldout_reward}" in metrics:
+                    metrics["probe/reward_gap"] = metrics["reward/score_mean"] - metrics[f"probe/{heldout_reward}"]
             run.record(stage, step, metrics)
             if metrics.get("updates/skipped"):
                 run.log(skipped_updates_warning(stage, step, metrics))
@@ -415,7 +442,11 @@ def skipped_updates_warning(stage: str, iteration: int, metrics: Dict) -> str:
     why = "their loss or gradients were not finite"
     score = metrics.get("reward/score_mean")
     if score is not None and not math.isfinite(score):
-        why += f"; reward/score_mean is {score}: the reward model gave a non-finite score"
+        failed = sorted(key[len("reward/"):-len("_mean")] for key, value in metrics.items()
+                        if key.startswith("reward/") and key.endswith("_mean") and key != "reward/score_mean"
+                        and isinstance(value, float) and not math.isfinite(value))
+        named = f"reward source {', '.join(failed)} (the reward model is 'model')" if failed else "a reward source"
+        why += f"; reward/score_mean is {score}: {named} failed (raised, or scored a response non-finite)"
     else:
         bad = sorted(key for key, value in metrics.items()
                      if isinstance(value, float) and not math.isfinite(value))
@@ -457,16 +488,38 @@ def summarize(history: Sequence[Dict]) -> Dict[str, float]:
     return summary
 
 
+def reward_judge(engine, batch_size: int = 32) -> Judge:
+    """The engine's reward as a probe's judge: the weighted sum of its
+    sources (:mod:`rlhf_engine.engine.rewards`), the reward model scoring
+    the sampled token ids (:func:`judge_reward_model`), the functions the
+    text, so that ``probe/reward`` is on the scale of ``reward/score_mean``.
+    A failing function makes the probe's reward NaN (warned once)."""
+    reported = set()
+
+    def judge(prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        columns = rewards.function_scores(engine.reward_sources, prompts, [str(r) for r in responses], reported)
+        if engine.reward is not None:
+            columns[rewards.MODEL] = judge_reward_model(engine.reward, engine.tokenizer, prompts, responses,
+                                                        batch_size=batch_size)
+        return [math.fsum(s.weight * columns[s.name][i] for s in engine.reward_sources) for i in range(len(prompts))]
+
+    return judge
+
+
 def run_ppo_command(run: Run, data, stage_config: PPOStageConfig, engine_config) -> Dict:
     """``rlhf-engine ppo``: PPO of the SFT folder ``data.policy`` against
-    the reward-model folder ``data.reward_model`` on ``data.prompts``
+    the reward-model folder ``data.reward_model`` and the reward functions
+    ``data.reward_funcs`` (weighted by ``data.reward_weights``) on ``data.prompts``
     (:class:`~rlhf_engine.pipeline.config.PPOData`), with PPO-ptx on the
     demonstrations ``data.ptx_data`` when ``ptx_coef > 0``; the engine
     places (and under torch.distributed shards) the models itself."""
     check_ppo_options(data, stage_config, engine_config)  # the CLI checks it before the run folder opens
-    prompts = read_jsonl(data.prompts, "prompts")
-    eval_prompts = read_jsonl(data.eval_prompts, "prompts") if data.eval_prompts else None
-    demonstrations = read_jsonl(data.ptx_data, "demonstrations") if data.ptx_data else None
+    def read(path, kind):
+        return load_records(path, kind, split=data.split, columns=data.columns)
+
+    prompts = read(data.prompts, "prompts")
+    eval_prompts = read(data.eval_prompts, "prompts") if data.eval_prompts else None
+    demonstrations = read(data.ptx_data, "demonstrations") if data.ptx_data else None
     tokenizer = load_tokenizer(data.policy, role="--policy")
     ptx_rows = None
     if demonstrations is not None:
@@ -479,15 +532,22 @@ def run_ppo_command(run: Run, data, stage_config: PPOStageConfig, engine_config)
         if path:  # fed the policy's token ids
             check_same_tokenizer(tokenizer, "--policy", data.policy, role, path)
     policy, _ = load_causal_lm(data.policy, role="--policy")
-    reward_model = load_reward_model(data.reward_model, role="--reward_model")
+    reward_model = load_reward_model(data.reward_model, role="--reward_model") if data.reward_model else None
     critic = load_reward_model(data.critic, role="--critic") if data.critic else None
-    engine = RLHFEngine(policy, tokenizer, engine_config, reward_model=reward_model, critic=critic)
+    funcs = reward_funcs(data.reward_funcs)
+    engine = RLHFEngine(policy, tokenizer, engine_config, reward_model=reward_model, critic=critic,
+                        reward_funcs=funcs, reward_weights=reward_weights(data))
+    if funcs:
+        run.log(f"ppo: reward = {' + '.join(f'{s.weight:g} x {s.name}' for s in engine.reward_sources)}")
     probe = None
     if eval_prompts is not None:
-        judges = {"reward": functools.partial(judge_reward_model, reward_model, tokenizer)}
+        model_only = [(s.name, s.weight) for s in engine.reward_sources] == [(rewards.MODEL, 1.0)]
+        judges = {"reward": functools.partial(judge_reward_model, reward_model, tokenizer) if model_only
+                  else reward_judge(engine)}
         if data.gold_judge:
             judges["gold"] = judge_gold
-        probe = PolicyProbe(tokenizer, [p.prompt for p in eval_prompts], judges, engine.ref,
+        reference = engine.ref if engine.ref is not None else lora.WithoutAdapters(engine.policy)  # LoRA: no copy
+        probe = PolicyProbe(tokenizer, [p.prompt for p in eval_prompts], judges, reference,
                             max_new_tokens=engine_config.max_new_tokens, temperature=engine_config.temperature,
                             seed=engine_config.seed)
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in prompts]

@@ -10,17 +10,21 @@ Plots (matplotlib, Agg backend, so no display is needed):
 - ``ppo.png``: PPO's reward-model score, KL to the reference (with the
   configured bound) and gold score, over iterations;
 - ``overoptimization.png``: reward-model score and gold score on the
-  evaluation prompts over iterations, with the KL penalty and without it.
+  evaluation prompts over iterations, with the KL penalty and without it;
+- ``gold_reward.png`` (``--reward gold``): the same for PPO against the
+  reward model and PPO against the gold reward.
 """
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from rlhf_engine.pipeline.run import METRICS_FILE
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PLOTS = {"sft": "sft_loss.png", "rm": "rm_accuracy.png", "ppo": "ppo.png", "overoptimization": "overoptimization.png"}
+GOLD_PLOT = "gold_reward.png"  # only with --reward gold
+GOLD_STAGES = (("ppo", "reward-model reward"), ("ppo_gold", "gold reward"))
 
 
 def read_metrics(folder) -> List[Dict]:
@@ -215,6 +219,7 @@ def render_markdown(summary: Dict, examples: Sequence[Dict] = ()) -> str:
             f"![Over-optimisation]({PLOTS['overoptimization']})",
             "",
         ]
+    lines += _gold_reward_section(summary)
     if examples:
         lines += ["## Examples (held-out prompts)", "", "| prompt | SFT | gold | PPO | gold |",
                   "| --- | --- | --- | --- | --- |"]
@@ -225,15 +230,61 @@ def render_markdown(summary: Dict, examples: Sequence[Dict] = ()) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder, summary: Dict, examples: Sequence[Dict] = ()) -> Path:
+def _win(result: Dict) -> str:
+    return f"{_pct(result['win_rate'])} [{_pct(result['win_rate_ci_low'])}, {_pct(result['win_rate_ci_high'])}]"
+
+
+def _gold_reward_section(summary: Dict) -> List[str]:
+    """The comparison of PPO against the gold reward (``--reward gold``)
+    with PPO against the reward model; [] when the gold run did not run."""
+    gold = summary.get("gold_reward")
+    if not gold:
+        return []
+    model = gold.get("model_run", {})
+
+    def change(ends, name):
+        return f"{ends[name + '_start']:.3f} -> {ends[name + '_end']:.3f}" if name + "_start" in ends else "n/a"
+
+    return [
+        "## PPO against the gold reward",
+        "",
+        "`--reward gold`: a second PPO run from the SFT model with the same settings, rewarded by the gold judge "
+        "itself (a verifiable reward, as a reward function) instead of the learnt reward model; its critic starts "
+        "from the policy. Both are evaluated alike on the held-out prompts, so the gap between them is the price "
+        "(or the gain) of training against the learnt reward instead of the true one.",
+        "",
+        "| | PPO, reward model | PPO, gold reward |",
+        "| --- | --- | --- |",
+        f"| win rate over SFT (held-out, 95% interval) | {_win(summary)} | {_win(gold)} |",
+        f"| mean gold score (held-out; SFT {summary['sft_gold']:.3f}) | {summary['ppo_gold']:.3f} | "
+        f"{gold['ppo_gold']:.3f} |",
+        f"| mean KL to the SFT reference (held-out, nats per response) | {summary['mean_kl']:.3f} | "
+        f"{gold['mean_kl']:.3f} |",
+        f"| gold score on the evaluation prompts, first -> last probe | {change(model, 'gold')} | "
+        f"{change(gold, 'gold')} |",
+        f"| reward-model score on the evaluation prompts, first -> last probe | {change(model, 'reward')} | "
+        f"{change(gold, 'reward')} |",
+        "",
+        f"![Reward model against gold reward]({GOLD_PLOT})",
+        "",
+    ]
+
+
+def write_report(folder, summary: Dict, examples: Sequence[Dict] = (),
+                 artifacts: Optional[Callable[[List[Path]], None]] = None) -> Path:
     """Draw the plots from ``folder/metrics.jsonl`` and write ``report.md``
     and ``summary.json`` into ``folder``; returns the report's path.
+    ``artifacts`` (e.g. ``Run.log_artifacts``, for the ``--report_to``
+    trackers) is handed the files written (:func:`report_files`).
 
     ``summary`` needs ``rm_accuracy``, ``win_rate``, ``win_rate_ci_low``,
     ``win_rate_ci_high``, ``wins``, ``ties``, ``losses``, ``win_n``,
     ``sft_gold``, ``ppo_gold``, ``mean_kl``, ``kl_bound``, ``wall_seconds``
     and optionally ``nokl`` (``reward_start``, ``reward_end``, ``gold_start``,
-    ``gold_end``, ``kl_end``).
+    ``gold_end``, ``kl_end``) and ``gold_reward`` (the PPO run against the
+    gold reward: ``win_rate``, ``win_rate_ci_low``, ``win_rate_ci_high``,
+    ``ppo_gold``, ``mean_kl``, its probes' ``gold_start``/``gold_end``/
+    ``reward_start``/``reward_end`` and the reward-model run's as ``model_run``).
     """
     folder = Path(folder)
     rows = read_metrics(folder)
@@ -241,8 +292,19 @@ def write_report(folder, summary: Dict, examples: Sequence[Dict] = ()) -> Path:
     plot_rm(rows, folder / PLOTS["rm"])
     plot_ppo(rows, folder / PLOTS["ppo"], summary["kl_bound"])
     plot_overoptimization(rows, folder / PLOTS["overoptimization"])
+    if summary.get("gold_reward"):
+        plot_overoptimization(rows, folder / GOLD_PLOT, stages=GOLD_STAGES)
     clean = json.loads(json.dumps(summary, default=float), parse_constant=lambda _: None)
     (folder / SUMMARY_FILE).write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
     path = folder / REPORT_FILE
     path.write_text(render_markdown(summary, examples) + "\n", encoding="utf-8")
+    if artifacts is not None:
+        artifacts(report_files(folder))
     return path
+
+
+def report_files(folder) -> List[Path]:
+    """The report's files in ``folder`` that exist: its plots, ``report.md`` and ``summary.json``."""
+    folder = Path(folder)
+    names = (*PLOTS.values(), GOLD_PLOT, REPORT_FILE, SUMMARY_FILE)
+    return [folder / name for name in names if (folder / name).is_file()]

@@ -110,6 +110,18 @@ def gold_score(prompt: str, response: str) -> float:
     return score
 
 
+def gold_reward(prompts: List[str], responses: List[str]) -> List[float]:
+    """The gold judge as a reward function (:mod:`rlhf_engine.engine.rewards`):
+    the :func:`gold_score` of each (prompt, response), for PPO against a
+    verifiable reward (``rlhf-engine ppo --reward_funcs
+    rlhf_engine.pipeline.task:gold_reward``, ``rlhf-engine pipeline --reward
+    gold``). ValueError for a prompt that is not the task's or lists of
+    different lengths."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def _charset(text: str) -> str:
     if text.isdigit():
         return "0123456789"
