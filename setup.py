@@ -180,6 +180,6 @@ setup(
     cmdclass={"build_ext": BuildNative.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "transformers>=4.50", "safetensors", "tqdm"],
-    extras_require={"triton": ["triton>=3.2"]},
+    extras_require={"triton": ["triton>=3.2"], "vllm": ["vllm>=0.32"]},
     entry_points={"console_scripts": ["rlhf-engine=rlhf_engine.cli:main"]},
 )

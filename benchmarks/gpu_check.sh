@@ -5,7 +5,8 @@
 # Writes into <outdir>: nvidia-smi.txt, versions.txt, build.log, tests.log
 # (+ junit-*.xml), bench.log and the benchmark results (results.{json,md,png}),
 # steps.log (rc and seconds of each step). Every step has a timeout and a
-# failed step does not stop the next; about 7 minutes at most, all told.
+# failed step does not stop the next; about 7 minutes at most, all told (11 with vLLM installed:
+# bench_vllm.log).
 # Exits nonzero if any step failed.
 set -u
 OUT="${1:?usage: bash benchmarks/gpu_check.sh <outdir>}"
@@ -69,8 +70,18 @@ fi
 # write their results even when stopped by the timeout (SIGTERM).
 left=$((420 - SECONDS)); [ "$left" -ge 60 ] || left=60
 step bench "$left" "$OUT/bench.log" env RLHF_ENGINE_BENCH_OUT="$OUT" RLHF_ENGINE_BENCH_COMPILE_TIMEOUT=60 \
-  "$PY" -m pytest benchmarks -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  "$PY" -m pytest benchmarks -q -p no:cacheprovider -W ignore::DeprecationWarning -k "not rollout_vllm" \
   --benchmark-columns=min,median,max,rounds --benchmark-sort=name --junitxml="$OUT/junit-bench.xml"
+
+# vLLM rollouts (issue 17): vLLM's sampler beside the engine's and generate, up to a ~0.5B body
+# (benchmarks/engine/bench_rollout.py::test_rollout_vllm), where vLLM is installed: this script installs
+# nothing (no network on the lent machine). Start-up, sync and rollout times are printed to bench_vllm.log.
+if "$PY" -c 'import vllm' >/dev/null 2>&1; then
+  step bench-vllm 240 "$OUT/bench_vllm.log" "$PY" -m pytest benchmarks/engine/bench_rollout.py -k rollout_vllm -s -q \
+    -p no:cacheprovider -W ignore::DeprecationWarning --benchmark-disable
+else
+  echo "[gpu_check] bench-vllm: skipped (vllm does not import; pip install rlhf_engine[vllm])" | tee -a "$OUT/steps.log"
+fi
 
 echo "[gpu_check] total ${SECONDS}s; results in $OUT" | tee -a "$OUT/steps.log"
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -18,6 +18,14 @@ minimums and the speed-up (generate's median / the sampler's) go to
 On the CPU each case also runs with one torch thread: on a small shared
 machine a decode step of a tiny model is many short parallel regions, and a
 thread that loses its core to another process stalls every one of them.
+
+``test_rollout_vllm`` (where vLLM is installed, e.g. ``.venv-vllm``: see
+scripts/vllm_env.sh) adds the engine's vLLM backend
+(rlhf_engine/engine/vllm_rollout.py) on the same models and prompts: its
+start-up, the per-rollout weight sync and the rollout itself reported
+separately, interleaved with the engine's sampler and ``generate``; then
+whole PPO iterations of the PPO benchmark's work (rlhf_engine/bench.py) with
+each backend, sync time apart. Printed at the end of the module (``-s``).
 """
 import math
 import statistics
@@ -30,6 +38,7 @@ import transformers
 
 import harness
 from rlhf_engine.engine.rollout import SamplingParams, sample
+from rlhf_engine.engine.vllm_rollout import vllm_missing_reason
 
 DEV = harness.device()
 B, P, NEW = 8, 16, 32
@@ -58,6 +67,7 @@ class Case(NamedTuple):
 
 CASES = [Case("tiny", 128, 2, 4, 1024), Case("small", 512, 6, 8, 1536)]
 _results = {}  # (case, threads) -> extra_info of the test
+_vllm_results = {}  # case -> medians of the vLLM comparison
 
 
 def inputs(case):
@@ -103,6 +113,13 @@ def summary():
                      f"min {r['generate_min_s'] * 1e3:8.1f}   rlhf_engine median {r['median_s'] * 1e3:8.1f} "
                      f"min {r['min_s'] * 1e3:8.1f}   speed-up {r['speedup_vs_generate']:.2f}x "
                      f"(of minimums {r['speedup_of_min']:.2f}x)")
+    for case, r in _vllm_results.items():
+        lines.append(f"  {case:6s} vLLM: start-up {r['startup_s']:.1f} s, "
+                     f"sync median {r['sync_median_s'] * 1e3:.1f} ms; "
+                     f"rollout median ms: vllm {r['vllm_median_s'] * 1e3:.1f}, rlhf_engine "
+                     f"{r['engine_median_s'] * 1e3:.1f}, generate {r['generate_median_s'] * 1e3:.1f}; PPO iteration "
+                     f"s (sync excluded): vllm {r['ppo_vllm_s']:.2f} (+ sync {r['ppo_vllm_sync_s'] * 1e3:.1f} ms), "
+                     f"rlhf_engine {r['ppo_engine_s']:.2f}")
     print("\n" + "\n".join(lines))
 
 
@@ -143,3 +160,50 @@ def test_rollout(benchmark, case, threads):
                 speedup_of_min=info["generate_min_s"] / stats.min)
     benchmark.extra_info.update(info)
     _results[(case.name, threads)] = info
+
+
+# On a GPU the comparison that matters: Qwen2.5-0.5B's body (hidden 896, 24 layers, 14 heads, MLP 4864: about
+# 0.36B parameters) as a Llama with this file's 450-token vocabulary (Qwen's 151,936 would add 0.14B).
+HALF_B = Case("0.5b", 896, 24, 14, 4864)
+VLLM_CASES = CASES + ([HALF_B] if DEV.type == "cuda" else [])
+
+
+@pytest.mark.skipif(vllm_missing_reason() is not None, reason=vllm_missing_reason() or "")
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in VLLM_CASES])
+def test_rollout_vllm(case):
+    """vLLM beside the engine's sampler and generate (interleaved rounds, the torch threads as they are)."""
+    from rlhf_engine.bench import ppo_work
+    from rlhf_engine.engine.vllm_rollout import VLLMRollout
+
+    model, ids, mask = inputs(case)
+    params = SamplingParams(max_new_tokens=NEW, eos_token_id=EOS, pad_token_id=PAD, stop_at_eos=False)
+    vllm = VLLMRollout(model, device=DEV, dtype="float32", kv_cache_bytes=256 << 20, seed=0)
+    try:
+        vllm.sync(model)
+        calls = {"vllm": lambda: vllm.sample(ids, mask, params, seeds=range(B)).sequences,
+                 "engine": sample_fn(model, ids, mask), "generate": generate_fn(model, ids, mask)}
+        for call in calls.values():
+            timed(call)
+        times = {name: [] for name in calls}
+        sync_s = []
+        for _ in range(ROUNDS["min_rounds"] + 2):
+            sync_s.append(vllm.sync(model))
+            for name, call in calls.items():
+                times[name].append(timed(call))
+        info = {f"{name}_median_s": statistics.median(t) for name, t in times.items()}
+        info.update(startup_s=vllm.startup_seconds, sync_median_s=statistics.median(sync_s))
+    finally:
+        vllm.close()
+    if case.name not in ("tiny", "small"):  # the PPO work is defined at these sizes (rlhf_engine/bench.py)
+        _vllm_results[case.name] = dict(info, ppo_vllm_s=math.nan, ppo_vllm_sync_s=math.nan, ppo_engine_s=math.nan)
+        return
+    size = case.name
+    for backend in ("engine", "vllm"):
+        extra = {"vllm_kv_cache_bytes": 256 << 20} if backend == "vllm" else {}
+        engine, batches = ppo_work(size, rollout_backend=backend, **extra)
+        runs = [engine.step(next(batches)) for _ in range(3)][1:]  # the first (start-up) excluded
+        info[f"ppo_{backend}_s"] = statistics.fmean(m["time/step"] - m.get("time/sync", 0.0) for m in runs)
+        if backend == "vllm":
+            info["ppo_vllm_sync_s"] = statistics.fmean(m["time/sync"] for m in runs)
+            engine.vllm.close()
+    _vllm_results[case.name] = info

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from rlhf_engine.models.lora import LoraOptions
 from rlhf_engine.options import option
 
 _CHOICES = {
@@ -18,6 +19,8 @@ _CHOICES = {
     "loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"),
     "lr_schedule": ("constant", "linear", "cosine"),
     "critic_init": ("reward", "policy"),
+    "rollout_backend": ("engine", "vllm"),
+    "tis": ("off", "token", "sequence"),
 }
 
 # What each KL placement and estimator optimises, with d = log pi - log ref
@@ -56,9 +59,11 @@ _REMOVED = {
 
 
 @dataclasses.dataclass
-class EngineConfig:
+class EngineConfig(LoraOptions):
     """Everything one PPO iteration does. Defaults follow InstructGPT where it
-    says (KL in the reward, k1, GAE) and common practice elsewhere."""
+    says (KL in the reward, k1, GAE) and common practice elsewhere. The LoRA
+    fields (``lora_r`` > 0: adapters on the policy and the critic) come from
+    :class:`~rlhf_engine.models.lora.LoraOptions`."""
 
     # Placement and precision
     device: str = option("auto", "Device for all four models: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:N'.")
@@ -91,6 +96,12 @@ class EngineConfig:
     top_k: int = option(0, "Top-k sampling (0: off); see top_p.")
     stop_at_eos: bool = option(True, "End a response at EOS; False samples exactly max_new_tokens.")
     samples_per_prompt: int = option(1, "Responses sampled per prompt (the group size of group baselines).")
+    rollout_backend: str = option("engine", "Who samples the rollouts: 'engine' (the engine's own sampler, "
+                                            "rlhf_engine.engine.rollout) or 'vllm' (one colocated in-process "
+                                            "vllm.LLM, weights synced in place before each rollout; needs vLLM "
+                                            "installed; no top_k/top_p, one process).")
+    vllm_kv_cache_bytes: int = option(2**30, "Size of vLLM's KV cache in bytes (rollout_backend='vllm'); released "
+                                             "between rollouts.")
     old_logprobs: str = option("recompute", "Old policy log-probs: 'recompute' (a forward of the policy in the score "
                                             "phase) or 'rollout' (the sampler's own, saving that forward).")
 
@@ -149,6 +160,15 @@ class EngineConfig:
     critic_warmup_iterations: int = option(0, "First iterations that train the critic only (needs a critic: gae).")
     ptx_coef: float = option(0.0, "PPO-ptx: coefficient of the language-modelling loss on pretraining/SFT data.")
 
+    # Sampler-trainer mismatch
+    logprob_gap_threshold: float = option(0.1, "rollout/logprob_gap_frac counts the response tokens whose sampler "
+                                               "and trainer log-probs differ by more than this (> 0).")
+    tis: str = option("off", "Truncated importance sampling against the sampler-trainer mismatch (e.g. vLLM in "
+                             "bf16): 'token' weights each token's policy loss by min(pi_old / pi_sampler, tis_cap); "
+                             "'sequence' drops (weight 0) the responses whose sequence ratio prod(pi_old / "
+                             "pi_sampler) exceeds tis_cap; 'off' (the default).")
+    tis_cap: float = option(2.0, "The cap C of tis (>= 1).")
+
     # Observability
     profile_dir: Optional[str] = option(None, "Write a torch.profiler trace of each step here.")
 
@@ -160,6 +180,7 @@ class EngineConfig:
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         _check_numbers(self)
+        self.check_lora()
         _check_combinations(self)
         check_device(self.device)
         from rlhf_engine.engine.offload import OffloadPolicy
@@ -240,6 +261,8 @@ _NUMBERS = tuple((name,) + rule for name, rule in {
     "adam_beta1": _BETA, "adam_beta2": _BETA, "adam_eps": _POSITIVE,
     "max_grad_norm": _optional(_POSITIVE, "off"),
     "ptx_coef": _noted(_NON_NEGATIVE, "0: off"),
+    "vllm_kv_cache_bytes": _INT_1, "logprob_gap_threshold": _POSITIVE,
+    "tis_cap": (lambda v: _real(v) and v >= 1, "a finite number >= 1"),
 }.items())
 
 
@@ -260,6 +283,8 @@ _DEPENDENT = {
     "critic_warmup_iterations": (lambda c: c.uses_critic, "a critic (advantage_estimator='gae'): there is "
                                                           "nothing to warm up, and nothing would train"),
     "truncation_penalty": (lambda c: c.truncated_response == "penalty", "truncated_response='penalty'"),
+    "vllm_kv_cache_bytes": (lambda c: c.rollout_backend == "vllm", "rollout_backend='vllm'"),
+    "tis_cap": (lambda c: c.tis != "off", "tis='token' or 'sequence'"),
 }
 
 
@@ -285,9 +310,29 @@ def _check_combinations(cfg):
     if cfg.micro_batch_size is not None and cfg.micro_batch_size > cfg.mini_batch_size:
         raise ValueError(f"micro_batch_size={cfg.micro_batch_size} exceeds mini_batch_size={cfg.mini_batch_size}; "
                          f"a micro-batch splits a mini-batch: use micro_batch_size <= {cfg.mini_batch_size} or None")
+    _check_rollout_backend(cfg)
     if cfg.lr_schedule != "constant" and cfg.total_steps and cfg.total_steps <= cfg.lr_warmup_steps:
         raise ValueError(f"lr_schedule={cfg.lr_schedule!r} decays over total_steps={cfg.total_steps}, which is not "
                          f"past lr_warmup_steps={cfg.lr_warmup_steps}; raise total_steps or use 'constant'")
+
+
+def _check_rollout_backend(cfg):
+    """The vLLM backend and TIS: refuse what they cannot do, naming why and what to use."""
+    if cfg.tis != "off" and cfg.old_logprobs == "rollout":
+        raise ValueError(f"tis={cfg.tis!r} with old_logprobs='rollout': the old log-probs are then the sampler's "
+                         f"own, the ratio pi_old / pi_sampler is 1 and tis does nothing; use "
+                         f"old_logprobs='recompute' or tis='off'")
+    if cfg.rollout_backend != "vllm":
+        return
+    if cfg.top_k or cfg.top_p < 1:
+        raise ValueError(f"rollout_backend='vllm' with top_k={cfg.top_k}, top_p={cfg.top_p}: vLLM reports the "
+                         f"log-probs of the filtered distribution, not the unfiltered one the engine's ratio, KL "
+                         f"and filter_kl use; use top_k=0 and top_p=1, or rollout_backend='engine'")
+    from rlhf_engine.engine.vllm_rollout import vllm_missing_reason
+
+    missing = vllm_missing_reason()
+    if missing:
+        raise ValueError(f"rollout_backend='vllm' needs vLLM: {missing}; or use rollout_backend='engine'")
 
 
 def check_device(spec):

@@ -15,6 +15,7 @@ once at construction in :mod:`rlhf_engine.engine.setup`, checkpoints in
 """
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import time
@@ -23,20 +24,22 @@ from pathlib import Path
 import torch
 
 from rlhf_engine import distributed, ops
-from rlhf_engine.engine import ppo, setup
+from rlhf_engine.engine import ppo, rewards, setup
 from rlhf_engine.engine import state as engine_state
 from rlhf_engine.engine.batch import Experience, Scored, extend, map_tensors, pad_to, select
 from rlhf_engine.engine.config import EngineConfig
 from rlhf_engine.engine.cpu_allocator import retain_freed_memory
 from rlhf_engine.engine.kl_control import KLController
 from rlhf_engine.engine.lanes import Lanes
-from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean
+from rlhf_engine.engine.metrics import PhaseRecorder, WeightedMean, reference_length
 from rlhf_engine.engine.offload import OffloadPolicy, Placement
 from rlhf_engine.engine.rollout import SamplingParams, mix_seed, row_uniforms, sample
 from rlhf_engine.models import causal_lm_logprobs, encode_prompt, positions_from_mask
+from rlhf_engine.models.last_layer import describe as describe_last_layer
 from rlhf_engine.models.modes import training_without_dropout
 from rlhf_engine.models.prompts import left_pad
-from rlhf_engine.models.scalar_heads import critic_from, sequence_scores, token_values
+from rlhf_engine.models import lora
+from rlhf_engine.models.scalar_heads import critic_from, scalar_head, token_values
 from rlhf_engine.optim import adamw, clipped_step, lr_factor, trainable_parameters
 
 
@@ -55,18 +58,35 @@ class RLHFEngine:
     Args:
         policy: the HuggingFace causal LM to train (a PEFT model with LoRA
             adapters works: its reference is then the policy with adapters
-            disabled, not a copy).
+            disabled, not a copy). With ``config.lora_r > 0`` the engine adds
+            the adapters (and, with ``critic_init="reward"``, the critic's on
+            the reward model's backbone): peft changes the models given in
+            place, so pass copies of models used elsewhere (README, LoRA).
         tokenizer: its tokenizer (pad and EOS ids; encodes string prompts).
         config: :class:`EngineConfig`.
         reward_model: ``AutoModelForSequenceClassification`` with one label,
-            or any module returning a scalar per sequence; frozen.
+            or any module returning a scalar per sequence; frozen. Optional
+            when ``reward_funcs`` are given (the critic then needs
+            ``critic_init="policy"`` or ``critic``).
+        reward_funcs: ``{name: fn}``, reward functions of the decoded
+            prompts and responses, batched (lists of ``B`` strings in, ``B``
+            numbers out), ``async def`` allowed: see
+            :mod:`rlhf_engine.engine.rewards`. The score is the weighted sum
+            of the reward model's score and theirs; each source's mean and
+            std are in the metrics (``reward/<name>_mean``, the reward
+            model's name ``model``). A function that raises or scores a
+            response non-finite skips the iteration's updates (counted in
+            ``updates/skipped``, warned once per function).
+        reward_weights: ``{name: weight}`` of the sources (``"model"``: the
+            reward model); a source not named weighs 1.0.
         ref_model: the frozen reference (default: a frozen copy of ``policy``
             as given, or the adapter-disabled policy under LoRA).
         critic: a sequence-classification model used per token (default:
             built from the reward model or the policy, ``config.critic_init``).
     """
 
-    def __init__(self, policy, tokenizer, config=None, *, reward_model, ref_model=None, critic=None):
+    def __init__(self, policy, tokenizer, config=None, *, reward_model=None, reward_funcs=None, reward_weights=None,
+                 ref_model=None, critic=None):
         self.config = cfg = config or EngineConfig()
         self.layout = distributed.layout()
         self.device = distributed.device_for(self.layout, cfg.device)
@@ -77,14 +97,21 @@ class RLHFEngine:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token")
 
         # Models: the policy and critic train; the reference and reward model are frozen.
-        self.policy = policy
+        self.policy = policy = self._with_lora(policy)
         self.lora_reference = ref_model is None and hasattr(policy, "disable_adapter")
         self.ref = None if self.lora_reference else setup.frozen(ref_model or copy.deepcopy(policy))
-        self.reward = setup.frozen(reward_model)
+        self.reward_sources = rewards.build_sources(reward_model, reward_funcs, reward_weights)
+        if reward_funcs:
+            rewards.check_tokenizer(tokenizer)
+        self._reported_sources = set()  # reward functions whose failure was warned about
+        self.reward = None if reward_model is None else setup.frozen(reward_model)
+        if reward_model is None and cfg.uses_critic and critic is None and cfg.critic_init == "reward":
+            raise ValueError("critic_init='reward' builds the critic from the reward model, and there is none (reward "
+                             "functions only): set critic_init='policy', pass a critic, or use a group baseline "
+                             "(advantage_estimator='rloo', 'group' or 'dr_grpo')")
         self.critic = None
         if cfg.uses_critic:
-            self.critic = critic if critic is not None else critic_from(reward_model if cfg.critic_init == "reward"
-                                                                        else policy)
+            self.critic = critic if critic is not None else self._new_critic(reward_model)
         setup.check_vocabularies(tokenizer, {"policy": policy, "reference": self.ref, "reward model": self.reward,
                                              "critic": self.critic})
         self.attn_implementation = setup.select_attention(policy, self.device)
@@ -98,7 +125,9 @@ class RLHFEngine:
         # every pass -- rollout, score, learn -- computes the same function of the weights.
         modules = {"policy": self.policy, "ref": self.ref, "reward": self.reward, "critic": self.critic}
         modules = {k: m.to(self.device).eval() for k, m in modules.items() if m is not None}
-        self._fingerprints = {"ref": setup.fingerprint(self.ref), "reward": setup.fingerprint(self.reward)}
+        self._fingerprints = {"ref": setup.fingerprint(self.ref if self.ref is not None else self.policy,
+                                                    frozen_only=self.ref is None),
+                              "reward": setup.fingerprint(self.reward)}
         if self.layout.distributed:
             modules = setup.shard(modules, cfg, self.layout, self.device, self._fingerprints)
 
@@ -126,6 +155,18 @@ class RLHFEngine:
                                    modules=modules,
                                    optimizers={f"{k}_optim": o for k, o in self.optimizers.items()})
 
+        # Rollout backend: the engine's sampler, or one colocated vLLM (rlhf_engine.engine.vllm_rollout),
+        # started on the first rollout.
+        self.vllm = None
+        if cfg.rollout_backend == "vllm":
+            if self.layout.distributed:
+                raise ValueError(f"rollout_backend='vllm' runs one in-process vLLM and is not supported under "
+                                 f"torch.distributed ({self.layout.world_size} ranks); use rollout_backend='engine'")
+            from rlhf_engine.engine.vllm_rollout import VLLMRollout
+
+            self.vllm = VLLMRollout(self.policy, device=self.device, dtype=cfg.dtype,
+                                    kv_cache_bytes=cfg.vllm_kv_cache_bytes, seed=cfg.seed)
+
     @classmethod
     def from_pretrained(cls, policy_path, reward_model_path, config=None, *, critic_path=None, tokenizer_path=None):
         """Build from HuggingFace model folders or hub names."""
@@ -140,6 +181,41 @@ class RLHFEngine:
         critic = (load_pretrained(AutoModelForSequenceClassification, critic_path, "the critic", num_labels=1)
                   if critic_path else None)
         return cls(policy, tokenizer, config, reward_model=reward, critic=critic)
+
+    def _with_lora(self, policy):
+        """``policy``, wrapped in fresh LoRA adapters when ``config.lora_r > 0``
+        and it is not a PEFT model already (a ready ``PeftModel`` trains its
+        own adapters). LoRA is refused under torch.distributed."""
+        cfg = self.config
+        if cfg.lora and not lora.is_peft(policy):
+            policy = lora.add_lora(policy, cfg.lora_options(), seed=cfg.seed)
+        if lora.is_peft(policy):
+            lora.refuse_distributed(self.layout.world_size)
+        return policy
+
+    def _new_critic(self, reward_model):
+        """The critic ``config.critic_init`` builds. Under LoRA (``lora_r >
+        0``): LoRA adapters and a trainable copy of the score head (the value
+        head) on the reward model's backbone, whose frozen reward model is
+        then that backbone with the adapters disabled and its own head
+        (``self.reward``, a :class:`~rlhf_engine.models.lora.WithoutAdapters`
+        view: no second copy); with ``critic_init="policy"``, adapters on a
+        seq-cls copy of the policy's (merged) body -- a third copy of the base
+        weights, beside the reward model's."""
+        cfg = self.config
+        if cfg.critic_init == "policy":
+            critic = critic_from(self.policy)
+            return lora.add_lora(critic, cfg.lora_options(), scalar=True, seed=cfg.seed + 1) if cfg.lora else critic
+        if not cfg.lora:
+            return critic_from(reward_model)
+        if scalar_head(reward_model) is None or lora.is_peft(reward_model):
+            raise ValueError(f"lora_r={cfg.lora_r} with critic_init='reward' puts the critic's adapters on the reward "
+                             f"model's backbone, which needs a HuggingFace sequence-classification reward model "
+                             f"(num_labels=1, a `score` head, not a PEFT model); got {type(reward_model).__name__}: "
+                             f"use critic_init='policy' or pass a critic")
+        critic = lora.add_lora(reward_model, cfg.lora_options(), scalar=True, seed=cfg.seed + 1)
+        self.reward = setup.frozen(lora.WithoutAdapters(critic))
+        return critic
 
     def _adamw(self, model, lr):
         cfg = self.config
@@ -181,6 +257,12 @@ class RLHFEngine:
         prompt_ids, prompt_mask = self._encode(prompts)
         ptx_batch = self._check_ptx(ptx_batch, len(prompt_ids))
         with profiler, distributed.guard(f"PPO iteration {self.iteration + 1}"):
+            # 0. Sync (vLLM backend): the policy's weights into vLLM, in place (its start-up the first time).
+            if self.vllm is not None:
+                with recorder.phase("sync"):
+                    started = self.vllm.llm is None
+                    self.vllm.sync(self.policy)
+                recorder.metrics["time/vllm_startup"] = self.vllm.startup_seconds if started else 0.0
             # 1. Rollout: the policy samples responses to this rank's prompts.
             with recorder.phase("rollout"):
                 self.placement.enter("rollout")
@@ -189,8 +271,12 @@ class RLHFEngine:
             #    every rank holds the global batch (the rest of the iteration is global).
             with recorder.phase("score"):
                 self.placement.enter("score")
-                scored = self._gather(self._score(rollout))
-                score_metrics = self._score_metrics(scored)
+                scored, source_scores = self._score(rollout)
+                scored, source_scores = self._gather(scored), distributed.all_gather_rows(source_scores)
+                # a failed reward source (non-finite sum) skips every update of the iteration
+                scored = dataclasses.replace(scored, scores=rewards.fail_whole_batch(scored.scores,
+                                                                                     scored.raw_scores))
+                score_metrics = self._score_metrics(scored, source_scores)
             # 3. Advantages: KL-shaped rewards, GAE (or group baselines), whitening.
             with recorder.phase("advantages"):
                 exp = self._advantages(scored)
@@ -209,7 +295,8 @@ class RLHFEngine:
                 "rollout_tokens_per_second": generated / phases["time/rollout"],
                 "kl/coef": self.kl.coef, "lr": self.schedulers["policy"].get_last_lr()[0],
                 "updates/skipped_total": self.skipped_updates,
-                "info/attn_implementation": self.attn_implementation}
+                "info/attn_implementation": self.attn_implementation,
+                "info/last_layer": describe_last_layer(self.policy)}
 
     def updates_per_iteration(self, num_prompts):
         """Optimizer steps of one :meth:`step` on ``num_prompts`` prompts (the
@@ -311,6 +398,11 @@ class RLHFEngine:
         k = self.config.samples_per_prompt
         ids, mask = ids.repeat_interleave(k, 0).to(self.device), mask.repeat_interleave(k, 0).to(self.device)
         first = self.layout.rank * len(ids)  # every rank passes as many prompts (checked in _gather)
+        if self.vllm is not None:  # per-sequence seeds; the KV cache released until the next sync
+            seeds = [mix_seed(self.config.seed, self.iteration, row) for row in range(first, first + len(ids))]
+            rollout = self.vllm.sample(ids, mask, self.sampling, seeds)
+            self.vllm.release()
+            return rollout
         uniforms = row_uniforms(mix_seed(self.config.seed, self.iteration), range(first, first + len(ids)),
                                 self.config.max_new_tokens, self.device)
         with self._autocast(), distributed.unsharded(self.policy):
@@ -334,7 +426,9 @@ class RLHFEngine:
     @torch.no_grad()
     def _score(self, rollout):
         """The policy's (old), the reference's log-probs, the critic's values and
-        the reward model's scores of this rank's ``rollout``: a :class:`Scored`."""
+        the reward of this rank's ``rollout``: ``(Scored, per-source scores
+        [B, S])``, the scores the weighted sum of the reward sources'
+        (:func:`rlhf_engine.engine.rewards.score_sources`)."""
         cfg = self.config
         seq, attn, resp, pos = rollout.sequences, rollout.attention_mask, rollout.response_mask, rollout.position_ids
         with self._autocast():
@@ -350,21 +444,37 @@ class RLHFEngine:
             if self.critic is not None:
                 values = torch.where(resp, token_values(self.critic, seq, attn, pos,
                                                         from_position=rollout.prompt_length), 0.0)
-            raw_scores = sequence_scores(self.reward, seq, attn, pos).float()
+            sources = rewards.score_sources(self.reward_sources, rollout, self.tokenizer, self.reward,
+                                            self._reported_sources)
+        raw_scores = sources.total
         scores = ppo.adjust_scores(raw_scores, rollout.finished, rule=cfg.truncated_response,
                                    penalty=cfg.truncation_penalty, clip=cfg.score_clip)
         return extend(rollout, Scored, old_logprobs=old, ref_logprobs=ref, values=values, raw_scores=raw_scores,
-                      scores=scores)
+                      scores=scores), sources.per_source
 
-    def _score_metrics(self, scored):
-        """Scores, KL, lengths and, when the score phase ran the trainer's
-        forward (``old_logprobs="recompute"``), the sampler-trainer gap of the
-        global batch (one host sync). With ``old_logprobs="rollout"`` the
-        first mini-batch of the learn phase measures the gap (:meth:`_policy_pass`)."""
+    def _score_metrics(self, scored, source_scores):
+        """Scores (the weighted sum's and each source's, ``source_scores``
+        ``[B, S]``), KL, lengths, the reward-hacking diagnostics and, when the
+        score phase ran the trainer's forward (``old_logprobs="recompute"``),
+        the sampler-trainer gap of the global batch (one host sync). With
+        ``old_logprobs="rollout"`` the first mini-batch of the learn phase
+        measures the gap (:meth:`_policy_pass`)."""
         old, ref, resp = scored.old_logprobs, scored.ref_logprobs, scored.response_mask
+        lengths = scored.response_lengths.float()
+        ref_length, ref_length_ess = reference_length(old, ref, resp)  # the policy's log-probs, as kl/k1's
         summary = {
             "reward/score_mean": scored.raw_scores.mean(),
             "reward/score_std": scored.raw_scores.std(unbiased=False),
+            "reward/failed": (~torch.isfinite(scored.raw_scores).all()).float(),
+            **{f"reward/{source.name}_{stat}": fn(source_scores[:, i])
+               for i, source in enumerate(self.reward_sources)
+               for stat, fn in (("mean", torch.mean), ("std", lambda x: x.std(unbiased=False)))},
+            # reward-hacking diagnostics (README): length drift from the reference, entropy, truncation
+            "response/length_ratio": lengths.mean() / ref_length.clamp(min=1e-12),
+            "response/ref_length_mean": ref_length,
+            "response/ref_length_ess": ref_length_ess,
+            "response/truncated_fraction": 1 - scored.finished.float().mean(),
+            "rollout/entropy": -scored.sampler_logprobs.float().sum() / resp.sum().clamp(min=1),
             "kl/k1": ppo.sequence_kl(old, ref, resp, "k1").mean(),
             "kl/k3": ppo.sequence_kl(old, ref, resp, "k3").mean(),
             "response/length_mean": scored.response_lengths.float().mean(),
@@ -375,6 +485,8 @@ class RLHFEngine:
         if self._gap_measured_in_score():
             summary["rollout/logprob_gap_mean"], summary["rollout/logprob_gap_max"] = ppo.logprob_gap(
                 scored.sampler_logprobs, old, resp)
+            summary["rollout/logprob_gap_frac"] = ppo.logprob_gap_fraction(scored.sampler_logprobs, old, resp,
+                                                                            self.config.logprob_gap_threshold)
         names = list(summary)
         values_host = torch.stack([summary[n].float() for n in names]).tolist()
         return dict(zip(names, values_host))
@@ -504,7 +616,15 @@ class RLHFEngine:
             logp, entropy = causal_lm_logprobs(self.policy, part.sequences, part.attention_mask, mask,
                                                temperature=cfg.temperature, position_ids=part.position_ids,
                                                return_entropy=True, chunk_size=cfg.logprob_chunk_size)
-        pg_loss, pg_stats = ops.ppo_policy_loss(logp, part.old_logprobs, part.advantages, mask,
+        advantages = part.advantages
+        if cfg.tis != "off":  # truncated importance sampling: each token's loss weighted (a weight >= 0 scales A)
+            weights = ppo.tis_weights(part.old_logprobs, part.sampler_logprobs, mask, mode=cfg.tis, cap=cfg.tis_cap)
+            advantages = advantages * weights
+            truncated = (weights == 0) if cfg.tis == "sequence" else \
+                mask & ((part.old_logprobs - part.sampler_logprobs) > math.log(cfg.tis_cap))
+            tis_stats = [("tis/weight_mean", weights.sum() / tokens.clamp(min=1), tokens),
+                         ("tis/truncated_fraction", (truncated & mask).sum() / tokens.clamp(min=1), tokens)]
+        pg_loss, pg_stats = ops.ppo_policy_loss(logp, part.old_logprobs, advantages, mask,
                                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                                 dual_clip=cfg.dual_clip, agg=cfg.loss_agg, normalizer=normalizer)
         policy_loss = pg_loss
@@ -521,6 +641,10 @@ class RLHFEngine:
         if measure_gap:
             gap_mean, _ = ppo.logprob_gap(part.sampler_logprobs, logp.detach(), mask)
             stats.append(("rollout/logprob_gap_mean", gap_mean, tokens))
+            stats.append(("rollout/logprob_gap_frac", ppo.logprob_gap_fraction(
+                part.sampler_logprobs, logp.detach(), mask, cfg.logprob_gap_threshold), tokens))
+        if cfg.tis != "off":
+            stats += tis_stats
         return policy_loss.detach(), stats
 
     def _critic_pass(self, part, normalizer):

@@ -1,6 +1,8 @@
 """The PPO math of one iteration as small pure functions on ``[B, T]``
 tensors (layout in :mod:`rlhf_engine.engine.batch`). Every per-token
 quantity goes through :mod:`rlhf_engine.ops`; nothing here touches models."""
+import math
+
 import torch
 
 from rlhf_engine import ops
@@ -84,6 +86,36 @@ def logprob_gap(sampler_logprobs, trainer_logprobs, mask):
     sampler's view of the policy is from the trainer's (the same weights)."""
     gap = torch.where(mask, (trainer_logprobs - sampler_logprobs).abs(), 0.0)
     return gap.sum() / mask.sum().clamp(min=1), gap.max()
+
+
+def logprob_gap_fraction(sampler_logprobs, trainer_logprobs, mask, threshold):
+    """0-d: the fraction of the response tokens ``mask`` ``[B, T]`` whose
+    ``|sampler - trainer|`` log-prob exceeds ``threshold`` (0 with none)."""
+    above = mask & ((trainer_logprobs - sampler_logprobs).abs() > threshold)
+    return above.sum() / mask.sum().clamp(min=1)
+
+
+def tis_weights(old_logprobs, sampler_logprobs, mask, *, mode, cap):
+    """``[B, T]`` float32 truncated importance-sampling weights of the policy
+    loss (0 outside ``mask``), correcting for tokens drawn from the sampler's
+    distribution ``pi_sampler`` rather than the trainer's ``pi_old``:
+
+    - ``"token"``: ``min(pi_old / pi_sampler, cap)`` per token;
+    - ``"sequence"``: 1 for every token of a response whose sequence ratio
+      ``prod_t pi_old / pi_sampler`` is at most ``cap``, 0 for every token of
+      the others (masked, not reweighted).
+
+    ``old_logprobs``, ``sampler_logprobs`` ``[B, T]`` log-probs of the same
+    tokens; ``cap`` >= 1. Not differentiable (the weights are constants of the loss)."""
+    log_ratio = torch.where(mask, old_logprobs.detach().double() - sampler_logprobs.detach().double(), 0.0)
+    if mode == "token":
+        weights = log_ratio.clamp(max=math.log(cap)).exp()
+    elif mode == "sequence":
+        keep = log_ratio.sum(-1, keepdim=True) <= math.log(cap)
+        weights = keep.expand_as(log_ratio).double()
+    else:
+        raise ValueError(f"mode must be 'token' or 'sequence', got {mode!r}")
+    return torch.where(mask, weights, 0.0).float()
 
 
 def loss_normalizer(mask, agg):
