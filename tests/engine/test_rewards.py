@@ -230,7 +230,8 @@ def test_a_tokenizer_without_decode_is_refused_with_functions():
 def test_diagnostics_are_in_every_iteration():
     engine = engine_with(TargetCount(), max_new_tokens=6, stop_at_eos=True)
     seen = captured_score(engine)
-    first, second = engine.step(prompts()), engine.step(prompts(seed=1))
+    first = engine.step(prompts())
+    engine.step(prompts(seed=1))  # a second iteration runs with the diagnostics too
     scored, _ = seen[0]
     assert first["response/truncated_fraction"] == pytest.approx(1 - first["response/finished_fraction"])
     mask = scored.response_mask

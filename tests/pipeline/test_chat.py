@@ -13,6 +13,7 @@ from rlhf_engine.models.prompts import PLAIN_SEPARATOR, encode_conversation, enc
 from rlhf_engine.pipeline import data as data_module
 from rlhf_engine.pipeline.data import Comparison, Demonstration, encode_pair, encode_record
 from rlhf_engine.pipeline.sources import load_records
+from tests.pipeline.conftest import write_model_folders
 
 datasets = pytest.importorskip("datasets")
 
@@ -196,19 +197,8 @@ def test_ptx_refuses_multi_turn_demonstrations(chat):
 @pytest.fixture(scope="module")
 def chat_workspace(tmp_path_factory):
     """Model folders whose tokenizer has the chat template, and datasets of conversations."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rlhf_engine.models.scalar_heads import reward_model_from_causal_lm
-
     root = tmp_path_factory.mktemp("chat")
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    for name, model in (("lm", lm), ("rm", reward_model_from_causal_lm(lm))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    write_model_folders(root, _tokenizer())
     words = ["red", "blue", "green", "gold"]
     conversations = [[{"role": USER, "content": f"name {w}"}, {"role": ASSISTANT, "content": w},
                       {"role": USER, "content": "again"}, {"role": ASSISTANT, "content": f"{w} {w}"}] for w in words]
