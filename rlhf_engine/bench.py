@@ -2,9 +2,14 @@
 
 The work (issue #5; TRL's PPO trainer runs the same work beside it):
 a Llama-style policy of size *tiny* (hidden 128, 2 layers, 4 heads, MLP 1024)
-or *small* (hidden 512, 6 layers, 8 heads, MLP 1536); a byte-level tokenizer
+or *small* (hidden 512, 6 layers, 8 heads, MLP 1536), or a Qwen3-style
+*medium* (~151M parameters, hidden 768, 16 layers, 12 query / 4 key-value
+heads, MLP 2048, a 32768-row vocabulary: see
+:data:`rlhf_engine.models.builders.SIZES`); a byte-level tokenizer
 of 450 tokens; a reward model and a critic of the same backbone (the critic
-initialised from the reward model); float32; 8 prompts of exactly 16 tokens;
+initialised from the reward model); float32 (overrides: ``dtype="bfloat16"``
+for bf16 autocast, ``lora_r`` for LoRA adapters on the policy and critic);
+8 prompts of exactly 16 tokens (every size);
 exactly 32 new tokens per response (no early stop), temperature 1; k1 KL
 penalty in the reward with coefficient 0.05; GAE with gamma 1, lambda 0.95;
 advantage whitening; old log-probs taken from the rollout (no recomputing
@@ -14,15 +19,19 @@ iterations (one by default) run first and are excluded from the
 measurement.
 
 Reported: ``seconds_per_iteration`` (mean over the measured iterations),
-``phases`` (mean seconds of each of ``rollout``, ``score`` and ``learn``),
+``phases`` (mean seconds of each of ``rollout``, ``score``, ``advantages``
+and ``learn``),
 ``tokens_per_second`` (generated tokens per second of a whole iteration),
 ``rollout_tokens_per_second`` (during the rollout phase alone),
 ``peak_rss_mib`` (the largest peak resident set size seen: the process's
 peak up to the end of model building, then each phase's peak in the warm-up
-and measured iterations; see rlhf_engine/engine/metrics.py), and
-``size``, ``iterations``, ``machine``, ``torch_threads`` and ``config``
-(the engine's settings).
+and measured iterations; see rlhf_engine/engine/metrics.py),
+``loadavg_1min`` (the 1-minute load average at the start and end of the
+measured iterations), and ``size``, ``iterations``, ``warmup``,
+``iteration_seconds``, ``machine``, ``torch_threads`` and ``config`` (the
+engine's settings).
 """
+import os
 import platform
 import statistics
 
@@ -72,18 +81,22 @@ def run_ppo_bench(size, iterations=3, warmup=1, **overrides):
     engine, batches = ppo_work(size, **overrides)
     build_peak = rss_peak_mib()
     warm = [engine.step(next(batches)) for _ in range(warmup)]
+    loadavg_start = os.getloadavg()[0]
     measured = [engine.step(next(batches)) for _ in range(iterations)]
-    phases = ("rollout", "score", "learn")
+    phases = ("rollout", "score", "advantages", "learn")
     mean = statistics.fmean
     return {
         "size": size,
         "iterations": iterations,
+        "warmup": warmup,
         "seconds_per_iteration": mean(m["time/step"] for m in measured),
+        "iteration_seconds": [m["time/step"] for m in measured],
         "phases": {p: mean(m[f"time/{p}"] for m in measured) for p in phases},
         "tokens_per_second": mean(m["tokens_per_second"] for m in measured),
         "rollout_tokens_per_second": mean(m["rollout_tokens_per_second"] for m in measured),
         "peak_rss_mib": max([build_peak] + [m["memory/peak_rss_mib"] for m in warm + measured]),
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1min": {"start": loadavg_start, "end": os.getloadavg()[0]},
         "config": {k: v for k, v in engine.config.to_dict().items() if v is not None},
     }

@@ -4,6 +4,7 @@
     rlhf-engine sft|rm|ppo ...           one stage on your data (JSONL) and models (HuggingFace folders)
     rlhf-engine eval ...                 win rate of one policy over another
     rlhf-engine bench ppo                end-to-end benchmark
+    rlhf-engine plan --policy P          memory per phase on one GPU (no weights loaded)
 
 ``rlhf-engine COMMAND --help`` lists a command's options and defaults.
 Options come from the defaults, then ``--config FILE`` (YAML or JSON), then
@@ -39,9 +40,14 @@ def _bench(args):
                args.json and writable_problem(Path(args.json).parent, "--json", args.json))
     if problem:
         return _error("bench", problem)
-    from rlhf_engine.bench import run_ppo_bench
+    from rlhf_engine.bench import ppo_work_config, run_ppo_bench
 
-    report = run_ppo_bench(args.size, iterations=args.iterations, warmup=args.warmup)
+    overrides = {"dtype": args.dtype, "lora_r": args.lora_r}
+    try:  # the engine's own checks, before any model is built
+        ppo_work_config(**overrides)
+    except ValueError as error:
+        return _error("bench", f"{error} (--dtype / --lora_r)")
+    report = run_ppo_bench(args.size, iterations=args.iterations, warmup=args.warmup, **overrides)
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +185,19 @@ def build_parser():
     bench = commands.add_parser("bench", help="End-to-end benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("work", choices=["ppo"], help="What to benchmark: one PPO iteration (rlhf_engine.bench).")
-    bench.add_argument("--size", choices=["tiny", "small"], default="tiny", help="Model size of the work.")
+    bench.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny", help="Model size of the work.")
     bench.add_argument("--iterations", type=int, default=3, help="Measured iterations (after the warm-up).")
     bench.add_argument("--warmup", type=int, default=1, help="Warm-up iterations, not measured.")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="The engine's dtype: bfloat16 is bf16 autocast on float32 weights.")
+    bench.add_argument("--lora_r", type=int, default=0,
+                       help="LoRA rank of the policy's and critic's adapters (the engine's default alpha and target "
+                            "modules); 0: full fine-tuning.")
     bench.add_argument("--json", default=None, help="Write the report here as JSON.")
     bench.set_defaults(run=_bench)
+    from rlhf_engine import plan  # imports no torch until the command runs
+
+    plan.add_parser(commands)
     return parser
 
 
