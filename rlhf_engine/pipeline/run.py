@@ -79,8 +79,8 @@ from rlhf_engine.models.tokenizer import byte_tokenizer
 from rlhf_engine.pipeline import batching
 from rlhf_engine.pipeline.config import CONFIG_FILE
 from rlhf_engine.pipeline.tracking import METRICS_FILE  # noqa: F401 (the run folder's name for it, read by report)
-from rlhf_engine.pipeline.tracking import DEFAULT_REPORT_TO, TrackingError, close_trackers, open_trackers, \
-    parse_report_to
+from rlhf_engine.pipeline.tracking import DEFAULT_REPORT_TO, TrackingError, close_trackers, is_number, \
+    open_trackers, parse_report_to
 from rlhf_engine.pipeline.training import TrainConfig, check_world_size, total_steps
 from rlhf_engine.pipeline.vocab import tokenizer_difference
 
@@ -468,7 +468,7 @@ class Run:
         if self.is_main:
             _write_json(self.stage_dir(stage) / RESULT_FILE, clean)
         clean = self.from_main(clean)
-        self.log(f"{stage}: done " + ", ".join(f"{k}={_short(v)}" for k, v in clean.items() if _is_number(v)))
+        self.log(f"{stage}: done " + ", ".join(f"{k}={_short(v)}" for k, v in clean.items() if is_number(v)))
         return clean
 
     def checkpoints(self, stage: str) -> Path:
@@ -548,10 +548,6 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _short(value) -> str:

@@ -112,10 +112,14 @@ def _import(name: str):
         raise TrackingError(f"--report_to {name}: cannot import {module!r} ({exc}): pip install {package}") from None
 
 
+def is_number(value) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def numbers(values: Mapping) -> Dict[str, float]:
     """The numeric entries of ``values`` (bools, strings and None left out)."""
-    return {key: value for key, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {key: value for key, value in values.items() if is_number(value)}
 
 
 class Tracker:
